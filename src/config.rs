@@ -1,0 +1,550 @@
+//! Configuration: the TOML file users edit, turned into a validated [`Config`].
+//!
+//! Two layers, as in River: [`FileConfig`] is the serde surface (every key has a default,
+//! unknown keys are errors) and [`Config`] is what the rest of the node reads, with nothing left
+//! to unwrap. Errors name the file, the line and the key, because a user fixing a config reads
+//! nothing else.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default API listener: loopback only, the owner's clients live on this machine.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8910";
+/// Default data dir when none is configured: relative to the working directory, so a checkout
+/// runs without root. Packaged installs set `/opt/ark/data/arknet`.
+pub const DEFAULT_DATA_DIR: &str = "data";
+/// Default largest request body accepted on the API listener (16 MiB: long chats and images).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default path prefix Nginx uses when it forwards `/arknet/` with the prefix kept.
+pub const DEFAULT_PATH_PREFIX: &str = "/arknet";
+/// Default backend when the config declares none: a local Ollama.
+pub const DEFAULT_BACKEND_URL: &str = "http://127.0.0.1:11434";
+const DEFAULT_MAX_CONCURRENT: usize = 4;
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+const DEFAULT_FIRST_BYTE_TIMEOUT_SECS: u64 = 300;
+const DEFAULT_IDLE_CHUNK_TIMEOUT_SECS: u64 = 300;
+const DEFAULT_MODELS_REFRESH_SECS: u64 = 15;
+const DEFAULT_POOL_IDLE_SECS: u64 = 60;
+const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// A problem with a configuration file, phrased for the person editing it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read but a key is wrong; `line` is 1-based.
+    #[error("{path}:{line}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value (0 when the whole file is at fault).
+        line: usize,
+        /// Dotted key path, such as `backends.url`.
+        key: String,
+        /// What is wrong, in the parser's words or ours.
+        message: String,
+    },
+}
+
+/// Which API family a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Ollama: `/api/*` NDJSON, and also `/v1/*` OpenAI compatibility.
+    Ollama,
+    /// Any OpenAI-compatible server (llama.cpp, vLLM, LM Studio): `/v1/*` only.
+    Openai,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Ollama => "ollama",
+            BackendKind::Openai => "openai",
+        })
+    }
+}
+
+/// A plain-HTTP backend base URL, split into what the upstream connector needs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct BackendUrl {
+    /// Socket address to connect to (`host:port`; host must be an IP literal or `localhost`).
+    pub addr: SocketAddr,
+    /// `Host` header value sent upstream.
+    pub authority: String,
+    /// Path prefix of the API on that server, without trailing slash (usually empty).
+    pub base_path: String,
+}
+
+impl TryFrom<String> for BackendUrl {
+    type Error = String;
+
+    fn try_from(url: String) -> Result<Self, Self::Error> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!("`{url}` is not an http:// URL (backends are reached over plain HTTP on this host or LAN)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let with_port = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let resolvable = with_port.replacen("localhost:", "127.0.0.1:", 1);
+        let addr: SocketAddr = resolvable.parse().map_err(|_| {
+            format!("`{url}`: host must be an IP address or localhost, with an optional port")
+        })?;
+        Ok(BackendUrl {
+            addr,
+            authority: authority.to_string(),
+            base_path: path.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for BackendUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.base_path)
+    }
+}
+
+/// On-disk shape of `arknet.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    node_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    log_level: String,
+    api: FileApi,
+    upstream: FileUpstream,
+    backends: Option<Vec<FileBackend>>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            node_id: None,
+            data_dir: None,
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
+            api: FileApi::default(),
+            upstream: FileUpstream::default(),
+            backends: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileApi {
+    listen: SocketAddr,
+    max_body_bytes: NonZeroUsize,
+    path_prefix: String,
+    threads: Option<NonZeroUsize>,
+    shutdown_grace_secs: u64,
+}
+
+impl Default for FileApi {
+    fn default() -> Self {
+        FileApi {
+            listen: DEFAULT_API_LISTEN
+                .parse()
+                .expect("default listen address is valid"),
+            max_body_bytes: NonZeroUsize::new(DEFAULT_MAX_BODY_BYTES).expect("non-zero const"),
+            path_prefix: DEFAULT_PATH_PREFIX.to_string(),
+            threads: None,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileUpstream {
+    connect_timeout_ms: u64,
+    first_byte_timeout_secs: u64,
+    idle_chunk_timeout_secs: u64,
+    pool_idle_secs: u64,
+    models_refresh_secs: u64,
+}
+
+impl Default for FileUpstream {
+    fn default() -> Self {
+        FileUpstream {
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            first_byte_timeout_secs: DEFAULT_FIRST_BYTE_TIMEOUT_SECS,
+            idle_chunk_timeout_secs: DEFAULT_IDLE_CHUNK_TIMEOUT_SECS,
+            pool_idle_secs: DEFAULT_POOL_IDLE_SECS,
+            models_refresh_secs: DEFAULT_MODELS_REFRESH_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    name: toml::Spanned<String>,
+    kind: BackendKind,
+    url: BackendUrl,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default = "default_max_concurrent")]
+    max_concurrent: NonZeroUsize,
+}
+
+fn default_max_concurrent() -> NonZeroUsize {
+    NonZeroUsize::new(DEFAULT_MAX_CONCURRENT).expect("non-zero const")
+}
+
+/// A secret that never shows up in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted<T>(pub T);
+
+impl<T> fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// One of the node's own model servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Unique name, used in logs and metric labels.
+    pub name: String,
+    /// API family.
+    pub kind: BackendKind,
+    /// Where it listens.
+    pub url: BackendUrl,
+    /// Sent upstream as `Authorization: Bearer ...` when set.
+    pub api_key: Option<Redacted<String>>,
+    /// Requests in flight to this backend at most; beyond it the node answers 503.
+    pub max_concurrent: usize,
+}
+
+/// Timeouts and pool settings for talking to backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for the response header (a cold model may take minutes to load).
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two body chunks of a streamed response.
+    pub idle_chunk_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle: Duration,
+    /// Period of the background model-list refresh.
+    pub models_refresh: Duration,
+}
+
+/// The validated configuration a node runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Configured node id; `None` derives one from the hostname and key at start.
+    pub node_id: Option<String>,
+    /// Where identity, approvals and logs live.
+    pub data_dir: PathBuf,
+    /// Default tracing filter when `RUST_LOG` is unset.
+    pub log_level: String,
+    /// API listener address.
+    pub api_listen: SocketAddr,
+    /// Largest request body accepted (bytes).
+    pub max_body_bytes: usize,
+    /// Prefix stripped from request paths when present (Nginx `/arknet/`).
+    pub path_prefix: String,
+    /// Worker threads for the listener; `None` means one per core.
+    pub threads: Option<usize>,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Upstream timeouts.
+    pub upstream: UpstreamConfig,
+    /// The node's own model servers, in preference order.
+    pub backends: Vec<BackendConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_file(FileConfig::default(), Path::new("<defaults>"), "")
+            .expect("built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if read from `path` (which only labels errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        Self::from_file(file, path, text)
+    }
+
+    fn from_file(file: FileConfig, path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, span: Option<std::ops::Range<usize>>, message: String| {
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: span.map_or(0, |s| line_of(text, s.start)),
+                key: key.to_string(),
+                message,
+            }
+        };
+        if let Some(id) = &file.node_id {
+            if !valid_node_id(id) {
+                return Err(invalid(
+                    "node_id",
+                    find_key(text, "node_id"),
+                    format!("`{id}`: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'"),
+                ));
+            }
+        }
+        if !file.api.path_prefix.is_empty()
+            && (!file.api.path_prefix.starts_with('/') || file.api.path_prefix.ends_with('/'))
+        {
+            return Err(invalid(
+                "api.path_prefix",
+                find_key(text, "path_prefix"),
+                "must start with '/' and not end with '/' (or be empty)".to_string(),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&file.log_level) {
+            return Err(invalid(
+                "log_level",
+                find_key(text, "log_level"),
+                e.to_string(),
+            ));
+        }
+        let file_backends = file.backends.unwrap_or_else(|| {
+            vec![FileBackend {
+                name: toml::Spanned::new(0..0, "ollama".to_string()),
+                kind: BackendKind::Ollama,
+                url: BackendUrl::try_from(DEFAULT_BACKEND_URL.to_string())
+                    .expect("default backend URL is valid"),
+                api_key: None,
+                max_concurrent: default_max_concurrent(),
+            }]
+        });
+        let mut names = HashSet::new();
+        let mut backends = Vec::with_capacity(file_backends.len());
+        for b in file_backends {
+            let span = b.name.span();
+            let name = b.name.into_inner();
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err(invalid(
+                    "backends.name",
+                    Some(span),
+                    format!("`{name}`: backend names must be non-empty and unique"),
+                ));
+            }
+            backends.push(BackendConfig {
+                name,
+                kind: b.kind,
+                url: b.url,
+                api_key: b.api_key.filter(|k| !k.is_empty()).map(Redacted),
+                max_concurrent: b.max_concurrent.get(),
+            });
+        }
+        let u = file.upstream;
+        Ok(Config {
+            node_id: file.node_id,
+            data_dir: file
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            log_level: file.log_level,
+            api_listen: file.api.listen,
+            max_body_bytes: file.api.max_body_bytes.get(),
+            path_prefix: file.api.path_prefix,
+            threads: file.api.threads.map(NonZeroUsize::get),
+            shutdown_grace_secs: file.api.shutdown_grace_secs,
+            upstream: UpstreamConfig {
+                connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
+                first_byte_timeout: Duration::from_secs(u.first_byte_timeout_secs.max(1)),
+                idle_chunk_timeout: Duration::from_secs(u.idle_chunk_timeout_secs.max(1)),
+                pool_idle: Duration::from_secs(u.pool_idle_secs),
+                models_refresh: Duration::from_secs(u.models_refresh_secs.max(1)),
+            },
+            backends,
+        })
+    }
+}
+
+/// Node ids appear in mDNS instance names, logs and file names: keep them boring.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let span = e.span();
+    let line = span.as_ref().map_or(0, |s| line_of(text, s.start));
+    let key = span
+        .as_ref()
+        .map(|s| key_at(text, s.clone()))
+        .unwrap_or_default();
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        key,
+        message: e.message().trim().to_string(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The dotted key an error span points into: the table header above it plus the key on its line.
+fn key_at(text: &str, span: std::ops::Range<usize>) -> String {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[line_start..line_end];
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let leaf = match line.split_once('=') {
+        Some((k, _)) => k.trim().to_string(),
+        None if line.trim_start().starts_with('[') => {
+            return line
+                .trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string();
+        }
+        None => text[start..span.end.min(text.len())].trim().to_string(),
+    };
+    match table {
+        Some(t) if !leaf.is_empty() => format!("{t}.{leaf}"),
+        Some(t) => t,
+        None => leaf,
+    }
+}
+
+/// Span of the first `key =` assignment in `text`, for errors found after parsing.
+fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                let start = offset + (line.len() - trimmed.len());
+                return Some(start..start + key.len());
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn invalid(text: &str) -> (usize, String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = parse("").expect("empty config is valid");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.api_listen.to_string(), DEFAULT_API_LISTEN);
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.backends[0].kind, BackendKind::Ollama);
+        assert_eq!(c.backends[0].url.addr.to_string(), "127.0.0.1:11434");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_dotted_key() {
+        let (line, key, message) = invalid("[api]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
+        assert_eq!(line, 3);
+        assert_eq!(key, "api.lisen");
+        assert!(message.contains("unknown field"), "{message}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key_of_its_line() {
+        let (line, key, _) =
+            invalid("[[backends]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"ftp://x\"\n");
+        assert_eq!((line, key.as_str()), (4, "backends.url"));
+        let (line, key, message) =
+            invalid("[[backends]]\nname = \"a\"\nkind = \"vllm\"\nurl = \"http://127.0.0.1:1\"\n");
+        assert_eq!((line, key.as_str()), (3, "backends.kind"));
+        assert!(message.contains("unknown variant"), "{message}");
+    }
+
+    #[test]
+    fn zero_concurrency_and_duplicate_names_are_refused() {
+        let (line, key, _) = invalid(
+            "[[backends]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\nmax_concurrent = 0\n",
+        );
+        assert_eq!((line, key.as_str()), (5, "backends.max_concurrent"));
+        let two = "[[backends]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\n";
+        let (line, key, _) = invalid(&format!("{two}{two}"));
+        assert_eq!((line, key.as_str()), (6, "backends.name"));
+    }
+
+    #[test]
+    fn semantic_errors_point_at_their_key() {
+        let (line, key, _) = invalid("log_level = \"info\"\nnode_id = \"has space\"\n");
+        assert_eq!((line, key.as_str()), (2, "node_id"));
+        let (line, key, _) = invalid("[api]\npath_prefix = \"arknet/\"\n");
+        assert_eq!((line, key.as_str()), (2, "api.path_prefix"));
+    }
+
+    #[test]
+    fn backend_urls_accept_ip_and_localhost_with_optional_path() {
+        let u = BackendUrl::try_from("http://localhost:8080/v2/".to_string()).expect("valid");
+        assert_eq!(u.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(u.authority, "localhost:8080");
+        assert_eq!(u.base_path, "/v2");
+        let u = BackendUrl::try_from("http://[::1]".to_string()).expect("valid");
+        assert_eq!(u.addr.to_string(), "[::1]:80");
+        assert!(BackendUrl::try_from("https://127.0.0.1".to_string()).is_err());
+        assert!(BackendUrl::try_from("http://ollama.lan:1".to_string()).is_err());
+    }
+
+    #[test]
+    fn api_key_is_redacted_in_debug_output() {
+        let c = parse("[[backends]]\nname = \"a\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1\"\napi_key = \"sk-secret\"\n")
+            .expect("valid");
+        assert!(!format!("{c:?}").contains("sk-secret"));
+        assert_eq!(
+            c.backends[0].api_key.as_ref().map(|k| k.0.as_str()),
+            Some("sk-secret")
+        );
+    }
+}

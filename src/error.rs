@@ -1,0 +1,182 @@
+//! Errors a client of the API listener can see, rendered in the dialect of the route it called.
+//!
+//! OpenAI clients parse `{"error":{"message","type","code"}}`; Ollama clients parse
+//! `{"error":"..."}`. Both get the same status codes, so scripts can branch on the status alone.
+
+use bytes::Bytes;
+use serde_json::json;
+
+/// Which API family a request or response belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `/v1/*`, SSE streams.
+    OpenAi,
+    /// `/api/*`, NDJSON streams.
+    Ollama,
+}
+
+/// A failure answered to the client instead of a backend response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Stable machine-readable code (`model_not_found`, `backend_busy`, ...).
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Seconds for `Retry-After`, when retrying later can help.
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400: the body is not JSON, or a field has the wrong type.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request", message)
+    }
+
+    /// 400: the request names no model.
+    pub fn missing_model() -> Self {
+        Self::new(
+            400,
+            "missing_model",
+            "the request body has no \"model\" field",
+        )
+    }
+
+    /// 404: no backend serves the model.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "model_not_found",
+            format!("model \"{model}\" is not available on this node"),
+        )
+    }
+
+    /// 404: an unknown path.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(404, "not_found", format!("no route for {path}"))
+    }
+
+    /// 405: a known path with the wrong method.
+    pub fn method_not_allowed(allowed: &'static str) -> Self {
+        Self::new(
+            405,
+            "method_not_allowed",
+            format!("method not allowed; use {allowed}"),
+        )
+    }
+
+    /// 413: the body exceeds the configured limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "request_too_large",
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    /// 502: no backend could be reached.
+    pub fn backend_unreachable(detail: impl Into<String>) -> Self {
+        Self::new(502, "backend_unreachable", detail)
+    }
+
+    /// 503: every backend for the model is at its concurrency limit.
+    pub fn busy(model: &str) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                503,
+                "backend_busy",
+                format!(
+                    "every backend serving \"{model}\" is at its concurrency limit; retry shortly"
+                ),
+            )
+        }
+    }
+
+    /// 504: the backend accepted the request but sent no response header in time.
+    pub fn timeout(detail: impl Into<String>) -> Self {
+        Self::new(504, "backend_timeout", detail)
+    }
+
+    /// OpenAI `error.type` for this status.
+    fn openai_type(&self) -> &'static str {
+        match self.status {
+            400 | 404 | 405 | 413 => "invalid_request_error",
+            503 => "server_busy",
+            _ => "api_error",
+        }
+    }
+
+    /// The JSON body for `dialect`.
+    pub fn body(&self, dialect: Dialect) -> Bytes {
+        let value = match dialect {
+            Dialect::OpenAi => json!({"error": {
+                "message": self.message,
+                "type": self.openai_type(),
+                "code": self.code,
+            }}),
+            Dialect::Ollama => json!({"error": self.message}),
+        };
+        Bytes::from(value.to_string())
+    }
+
+    /// The error as one event of a stream already under way: an SSE `data:` event for OpenAI,
+    /// one NDJSON line for Ollama.
+    pub fn stream_event(&self, dialect: Dialect) -> Bytes {
+        let body = self.body(dialect);
+        let mut out = Vec::with_capacity(body.len() + 8);
+        if dialect == Dialect::OpenAi {
+            out.extend_from_slice(b"data: ");
+        }
+        out.extend_from_slice(&body);
+        out.extend_from_slice(if dialect == Dialect::OpenAi {
+            b"\n\n"
+        } else {
+            b"\n"
+        });
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_error_body_has_message_type_and_code() {
+        let body = ApiError::model_not_found("x").body(Dialect::OpenAi);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"x\"")));
+    }
+
+    #[test]
+    fn ollama_error_body_is_a_plain_string() {
+        let body = ApiError::busy("m").body(Dialect::Ollama);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert!(v["error"].is_string());
+    }
+
+    #[test]
+    fn stream_events_are_framed_per_dialect() {
+        let e = ApiError::backend_unreachable("gone");
+        let sse = e.stream_event(Dialect::OpenAi);
+        assert!(sse.starts_with(b"data: {") && sse.ends_with(b"\n\n"));
+        let nd = e.stream_event(Dialect::Ollama);
+        assert!(nd.starts_with(b"{") && nd.ends_with(b"}\n"));
+    }
+}

@@ -1,0 +1,164 @@
+//! Every Prometheus metric the node exports, declared once: `arknet_<area>_<what>_<unit>`.
+//!
+//! Label values come from a closed set (route names, configured backends, models the catalog
+//! knows); a model name a client invents is counted as `unknown`, so nobody can blow up the
+//! series count by sending random names.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Latency buckets in seconds: sub-millisecond proxy answers up to multi-minute generations.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0,
+    300.0,
+];
+
+/// The node's metrics and the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route, model and status.
+    pub requests: IntCounterVec,
+    /// Time from request header to end of response, by route.
+    pub duration: HistogramVec,
+    /// Time from request header to first response byte sent, by route.
+    pub ttfb: HistogramVec,
+    /// Requests being served now.
+    pub in_flight: IntGauge,
+    /// Failed connection attempts to a backend.
+    pub upstream_connect_errors: IntCounterVec,
+    /// Requests in flight per backend.
+    pub backend_in_flight: IntGaugeVec,
+    /// 1 when the last model-list refresh of a backend succeeded.
+    pub backend_up: IntGaugeVec,
+    /// Models a backend lists.
+    pub backend_models: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "arknet_http_requests_total",
+                "Requests answered on the API listener",
+            ),
+            &["route", "model", "status"],
+        )
+        .expect("static metric definition");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "arknet_http_request_duration_seconds",
+                "Time from request header to the end of the response",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "arknet_http_time_to_first_byte_seconds",
+                "Time from request header to the response header sent to the client",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let in_flight = IntGauge::new(
+            "arknet_http_requests_in_flight",
+            "Requests being served on the API listener",
+        )
+        .expect("static metric definition");
+        let upstream_connect_errors = IntCounterVec::new(
+            Opts::new(
+                "arknet_upstream_connect_errors_total",
+                "Failed connection attempts to a backend",
+            ),
+            &["backend"],
+        )
+        .expect("static metric definition");
+        let backend_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "arknet_backend_requests_in_flight",
+                "Requests in flight per backend",
+            ),
+            &["backend"],
+        )
+        .expect("static metric definition");
+        let backend_up = IntGaugeVec::new(
+            Opts::new(
+                "arknet_backend_up",
+                "1 when the last model-list refresh of the backend succeeded",
+            ),
+            &["backend"],
+        )
+        .expect("static metric definition");
+        let backend_models = IntGaugeVec::new(
+            Opts::new("arknet_backend_models", "Models the backend lists"),
+            &["backend"],
+        )
+        .expect("static metric definition");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(ttfb.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(upstream_connect_errors.clone()),
+            Box::new(backend_in_flight.clone()),
+            Box::new(backend_up.clone()),
+            Box::new(backend_models.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            ttfb,
+            in_flight,
+            upstream_connect_errors,
+            backend_in_flight,
+            backend_up,
+            backend_models,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_text_carries_units_and_labels() {
+        let m = Metrics::new();
+        m.requests
+            .with_label_values(&["chat", "llama", "200"])
+            .inc();
+        m.duration.with_label_values(&["chat"]).observe(0.01);
+        let text = String::from_utf8(m.render()).expect("utf8");
+        assert!(
+            text.contains(
+                r#"arknet_http_requests_total{model="llama",route="chat",status="200"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("arknet_http_request_duration_seconds_bucket"));
+        assert!(text.contains("arknet_http_requests_in_flight 0"));
+    }
+}

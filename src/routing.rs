@@ -1,0 +1,154 @@
+//! Which backend serves a request: a pure function over a snapshot, no sockets, no clocks.
+//!
+//! The gateway builds a [`BackendView`] per backend from the model catalog and the live slot
+//! counts, calls [`rank`], then tries the candidates in order. Taking a slot happens after
+//! ranking (it is the only racy part), so a full backend is skipped at that point.
+
+use crate::catalog::ListedModel;
+use crate::config::BackendKind;
+use crate::error::Dialect;
+
+/// What routing needs to know about one backend.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendView<'a> {
+    /// API family it speaks.
+    pub kind: BackendKind,
+    /// Models it listed at the last refresh; `None` when it never answered a listing.
+    pub models: Option<&'a [ListedModel]>,
+    /// Requests in flight to it.
+    pub in_flight: usize,
+    /// Its concurrency limit.
+    pub capacity: usize,
+}
+
+/// Why no backend can take a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No backend lists the model.
+    UnknownModel,
+    /// Only backends of another dialect list it (index of the first such backend).
+    OtherDialect(usize),
+}
+
+/// Whether a listed model name answers a requested one; Ollama treats a name without a tag as
+/// `:latest`, and so do we.
+pub fn model_matches(listed: &str, requested: &str) -> bool {
+    listed == requested
+        || (!requested.contains(':') && listed.strip_suffix(":latest") == Some(requested))
+}
+
+/// Indices of the backends that may serve `model` in `dialect`, best first: backends that list
+/// the model before backends whose listing is unknown, then the least loaded relative to its
+/// capacity, then configuration order.
+pub fn rank(
+    model: &str,
+    dialect: Dialect,
+    backends: &[BackendView<'_>],
+) -> Result<Vec<usize>, NoRoute> {
+    let mut ranked: Vec<(u8, u64, usize)> = Vec::with_capacity(backends.len());
+    let mut other_dialect = None;
+    for (i, b) in backends.iter().enumerate() {
+        let tier = match b.models {
+            Some(models) if models.iter().any(|m| model_matches(&m.name, model)) => 0,
+            Some(_) => continue,
+            None => 1,
+        };
+        if dialect == Dialect::Ollama && b.kind != BackendKind::Ollama {
+            if tier == 0 {
+                other_dialect.get_or_insert(i);
+            }
+            continue;
+        }
+        // Load as a fraction of capacity, in parts per million, to compare without floats.
+        let load = (b.in_flight as u64 * 1_000_000) / b.capacity.max(1) as u64;
+        ranked.push((tier, load, i));
+    }
+    if ranked.is_empty() {
+        return Err(other_dialect.map_or(NoRoute::UnknownModel, NoRoute::OtherDialect));
+    }
+    ranked.sort_unstable();
+    Ok(ranked.into_iter().map(|(_, _, i)| i).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(names: &[&str]) -> Vec<ListedModel> {
+        names.iter().map(|n| ListedModel::named(n)).collect()
+    }
+
+    fn view(
+        kind: BackendKind,
+        models: Option<&[ListedModel]>,
+        in_flight: usize,
+        capacity: usize,
+    ) -> BackendView<'_> {
+        BackendView {
+            kind,
+            models,
+            in_flight,
+            capacity,
+        }
+    }
+
+    #[test]
+    fn backend_that_lists_the_model_wins_over_unknown_listing() {
+        let a = listed(&["llama3.1:8b"]);
+        let backends = [
+            view(BackendKind::Ollama, None, 0, 4),
+            view(BackendKind::Ollama, Some(&a), 3, 4),
+        ];
+        assert_eq!(
+            rank("llama3.1:8b", Dialect::Ollama, &backends),
+            Ok(vec![1, 0])
+        );
+    }
+
+    #[test]
+    fn least_loaded_relative_to_capacity_goes_first() {
+        let a = listed(&["m"]);
+        let backends = [
+            view(BackendKind::Ollama, Some(&a), 2, 4),
+            view(BackendKind::Openai, Some(&a), 1, 4),
+        ];
+        assert_eq!(rank("m", Dialect::OpenAi, &backends), Ok(vec![1, 0]));
+        let backends = [
+            view(BackendKind::Ollama, Some(&a), 2, 8),
+            view(BackendKind::Openai, Some(&a), 1, 2),
+        ];
+        assert_eq!(rank("m", Dialect::OpenAi, &backends), Ok(vec![0, 1]));
+    }
+
+    #[test]
+    fn ollama_dialect_never_goes_to_an_openai_backend() {
+        let a = listed(&["smollm2"]);
+        let backends = [view(BackendKind::Openai, Some(&a), 0, 4)];
+        assert_eq!(
+            rank("smollm2", Dialect::Ollama, &backends),
+            Err(NoRoute::OtherDialect(0))
+        );
+        assert_eq!(rank("smollm2", Dialect::OpenAi, &backends), Ok(vec![0]));
+    }
+
+    #[test]
+    fn unknown_model_is_no_route() {
+        let a = listed(&["m"]);
+        let backends = [view(BackendKind::Ollama, Some(&a), 0, 4)];
+        assert_eq!(
+            rank("other", Dialect::OpenAi, &backends),
+            Err(NoRoute::UnknownModel)
+        );
+        assert_eq!(
+            rank("other", Dialect::OpenAi, &[]),
+            Err(NoRoute::UnknownModel)
+        );
+    }
+
+    #[test]
+    fn untagged_name_means_latest() {
+        assert!(model_matches("llama3.1:latest", "llama3.1"));
+        assert!(!model_matches("llama3.1:8b", "llama3.1"));
+        assert!(!model_matches("llama3.1:latest", "llama3.1:8b"));
+    }
+}
