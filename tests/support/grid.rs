@@ -1,0 +1,266 @@
+//! The grid harness: real `arknet` processes (the built binary), each on its own loopback
+//! address with its own temporary data dir, started with a bounded readiness poll and ended by
+//! their own PID when the test is done (even when it panics).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::http;
+
+/// Path of the binary under test.
+pub const ARKNET: &str = env!("CARGO_BIN_EXE_arknet");
+
+static NEXT_HOST: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh loopback address for one node or backend: distinct per test process and per call,
+/// so parallel tests never share an address (127.0.0.0/8 all routes to `lo` on Linux).
+pub fn loopback_ip() -> Ipv4Addr {
+    let n = NEXT_HOST.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    Ipv4Addr::new(
+        127,
+        (pid % 200 + 20) as u8,
+        (n / 250) as u8,
+        (n % 250 + 2) as u8,
+    )
+}
+
+/// A port that was free a moment ago on `ip`.
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}
+
+/// A backend entry for a node's config.
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    pub name: String,
+    pub kind: &'static str,
+    pub url: String,
+    pub max_concurrent: usize,
+}
+
+impl BackendSpec {
+    pub fn ollama(url: impl Into<String>) -> Self {
+        Self::new("ollama", "ollama", url)
+    }
+
+    pub fn openai(url: impl Into<String>) -> Self {
+        Self::new("openai", "openai", url)
+    }
+
+    pub fn new(name: &str, kind: &'static str, url: impl Into<String>) -> Self {
+        BackendSpec {
+            name: name.to_string(),
+            kind,
+            url: url.into(),
+            max_concurrent: 4,
+        }
+    }
+
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = n;
+        self
+    }
+}
+
+/// What to start: backends plus free-form TOML appended to the generated config.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSpec {
+    pub backends: Vec<BackendSpec>,
+    pub extra_toml: String,
+}
+
+impl NodeSpec {
+    pub fn with_backend(backend: BackendSpec) -> Self {
+        NodeSpec {
+            backends: vec![backend],
+            extra_toml: String::new(),
+        }
+    }
+
+    pub fn backend(mut self, backend: BackendSpec) -> Self {
+        self.backends.push(backend);
+        self
+    }
+
+    /// TOML placed in the `[api]` table (e.g. `max_body_bytes = 1024`).
+    pub fn api(mut self, toml: &str) -> Self {
+        self.extra_toml.push_str(toml);
+        self.extra_toml.push('\n');
+        self
+    }
+}
+
+/// One running `arknet serve` process.
+pub struct NodeProc {
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProc {
+    /// Starts a node for `spec` and waits (bounded) until `/health` answers.
+    pub fn start(spec: &NodeSpec) -> NodeProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ip = loopback_ip();
+        let api = SocketAddr::from((ip, free_port(ip)));
+        let data_dir = dir.path().join("data");
+        let config_path = dir.path().join("arknet.toml");
+        std::fs::write(&config_path, render_config(spec, api, &data_dir)).expect("write config");
+        let mut node = NodeProc {
+            api,
+            data_dir,
+            config_path,
+            log_path: dir.path().join("arknet.log"),
+            child: None,
+            _dir: dir,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let child = Command::new(ARKNET)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn arknet");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("arknet exited early ({status}); log:\n{}", self.log());
+            }
+            let probe = b"GET /health HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
+            if http::try_send_raw(self.api, probe).is_ok_and(|r| r.status == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "arknet not ready in 20 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("node is running")
+    }
+
+    /// Whether the process is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Ends the process by its PID (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills and starts the node again with the same config and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn get(&self, path: &str) -> http::Response {
+        http::get(self.api, path)
+    }
+
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> http::Response {
+        http::post_json(self.api, path, body)
+    }
+
+    /// The node's public key, from `/health`.
+    pub fn public_key(&self) -> String {
+        self.get("/health").json()["public_key"]
+            .as_str()
+            .expect("public_key in /health")
+            .to_string()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// N nodes started together; later issues grow approve/revoke helpers here.
+pub struct Grid {
+    pub nodes: Vec<NodeProc>,
+}
+
+impl Grid {
+    pub fn start(specs: &[NodeSpec]) -> Grid {
+        Grid {
+            nodes: specs.iter().map(NodeProc::start).collect(),
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &NodeProc {
+        &self.nodes[i]
+    }
+}
+
+fn render_config(spec: &NodeSpec, api: SocketAddr, data_dir: &Path) -> String {
+    let mut toml = format!(
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
+        data_dir.display().to_string(),
+        spec.extra_toml
+    );
+    for b in &spec.backends {
+        toml.push_str(&format!(
+            "\n[[backends]]\nname = {:?}\nkind = {:?}\nurl = {:?}\nmax_concurrent = {}\n",
+            b.name, b.kind, b.url, b.max_concurrent
+        ));
+    }
+    toml
+}
+
+/// Polls `check` every 25 ms until it returns true or `within` passes; panics with `what`.
+pub fn assert_eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

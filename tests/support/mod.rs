@@ -1,0 +1,7 @@
+//! Shared test support: a fake model server, a blocking HTTP client, and the grid harness that
+//! runs real `arknet` processes. Each test binary uses a different subset, hence the allow.
+#![allow(dead_code)]
+
+pub mod fake_backend;
+pub mod grid;
+pub mod http;
