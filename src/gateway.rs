@@ -46,6 +46,9 @@ const KEEPALIVE_SECS: u64 = 60;
 /// A miss in the catalog triggers a refresh unless the last one is younger than this: a model
 /// pulled a moment ago should work at once, a flood of unknown names must not hammer backends.
 const MISS_REFRESH_MIN_AGE: Duration = Duration::from_secs(2);
+/// Longest pause allowed between two pieces of a request body; a client that stalls longer is
+/// dropped rather than holding a connection open forever.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1), plus the ones
 /// this hop recomputes.
@@ -516,6 +519,7 @@ async fn read_body(s: &mut ServerSession, limit: usize) -> Result<Bytes, ApiErro
             .await
             .map_err(|e| ApiError::bad_request(format!("writing 100 Continue: {e}")))?;
     }
+    s.set_read_timeout(Some(BODY_READ_TIMEOUT));
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit as u64) as usize);
     while let Some(chunk) = s
         .read_request_body()

@@ -159,7 +159,9 @@ impl NodeProc {
                 panic!("arknet exited early ({status}); log:\n{}", self.log());
             }
             let probe = b"GET /health HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
-            if http::try_send_raw(self.api, probe).is_ok_and(|r| r.status == 200) {
+            if http::try_send_raw(self.api, probe, Duration::from_secs(2))
+                .is_ok_and(|r| r.status == 200)
+            {
                 return;
             }
             assert!(

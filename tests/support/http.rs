@@ -80,13 +80,18 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp
 
 /// Writes `bytes` verbatim and parses the response (for malformed-request tests too).
 pub fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Response {
-    try_send_raw(addr, bytes).unwrap_or_else(|e| panic!("request to {addr}: {e}"))
+    try_send_raw(addr, bytes, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("request to {addr}: {e}"))
 }
 
-/// Like [`send_raw`], but I/O failures (refused, reset, no response) are returned.
-pub fn try_send_raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
+/// Like [`send_raw`], but I/O failures (refused, reset, silence for `patience`) are returned.
+pub fn try_send_raw(
+    addr: SocketAddr,
+    bytes: &[u8],
+    patience: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(patience))?;
     let started = Instant::now();
     stream.write_all(bytes)?;
     let mut parser = Parser::default();
@@ -112,10 +117,13 @@ pub fn try_send_raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response>
     Ok(parser.finish())
 }
 
+/// Status, headers, and where the body starts in the raw bytes.
+type Head = (u16, Vec<(String, String)>, usize);
+
 #[derive(Default)]
 struct Parser {
     raw: Vec<u8>,
-    head: Option<(u16, Vec<(String, String)>, usize)>,
+    head: Option<Head>,
     arrivals: Vec<(Duration, usize)>,
 }
 
