@@ -221,3 +221,27 @@ fn client_connection_is_kept_alive_across_requests() {
     }
     assert_eq!(s.ollama.hits(), 3);
 }
+
+#[test]
+fn backend_connections_are_pooled_and_reused() {
+    let s = setup();
+    support::grid::assert_eventually(
+        std::time::Duration::from_secs(5),
+        "catalog refreshed",
+        || s.node.get("/api/tags").text().contains("llama3.1:8b"),
+    );
+    let before = s.ollama.connections();
+    for _ in 0..20 {
+        let rsp = s.node.post(
+            "/api/generate",
+            &json!({"model": "llama3.1:8b", "prompt": "x", "stream": false}),
+        );
+        assert_eq!(rsp.status, 200);
+    }
+    let opened = s.ollama.connections() - before;
+    // Sequential requests through one node need one connection; allow a refresh racing in.
+    assert!(
+        opened <= 2,
+        "20 sequential requests opened {opened} backend connections"
+    );
+}

@@ -243,6 +243,11 @@ impl FakeBackend {
         self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// TCP connections accepted so far (a pooling client opens few).
+    pub fn connections(&self) -> u64 {
+        self.shared.conns.lock().next_id
+    }
+
     /// Change the status override while running (`None` answers normally again).
     pub fn set_status_override(&self, status: Option<u16>) {
         self.shared

@@ -5,3 +5,4 @@
 pub mod fake_backend;
 pub mod grid;
 pub mod http;
+pub mod nginx;
