@@ -71,11 +71,27 @@ impl Snapshot {
 
     /// The model listing in `dialect`, merged across backends, first backend wins on duplicates.
     pub fn listing(&self, dialect: Dialect) -> Value {
+        self.listing_where(dialect, |_| true)
+    }
+
+    /// Model names listed by any backend, without duplicates, in listing order.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.backends
+            .iter()
+            .flat_map(|b| b.models.iter().flatten())
+            .filter(|m| seen.insert(m.name.as_str()))
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    /// [`Self::listing`] restricted to models for which `keep` is true.
+    pub fn listing_where(&self, dialect: Dialect, keep: impl Fn(&str) -> bool) -> Value {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for b in &self.backends {
             for m in b.models.iter().flatten() {
-                if seen.insert(m.name.as_str()) {
+                if keep(&m.name) && seen.insert(m.name.as_str()) {
                     out.push(entry_in(dialect, b, m));
                 }
             }

@@ -21,6 +21,11 @@ pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8910";
 pub const DEFAULT_DATA_DIR: &str = "data";
 /// Default largest request body accepted on the API listener (16 MiB: long chats and images).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default mesh listener: all interfaces, peers come from the LAN and tunnels.
+pub const DEFAULT_MESH_LISTEN: &str = "0.0.0.0:8911";
+/// Default admin token file, relative to the data dir.
+pub const DEFAULT_ADMIN_TOKEN_FILE: &str = "admin.token";
+const DEFAULT_HELLO_INTERVAL_SECS: u64 = 5;
 /// Default path prefix Nginx uses when it forwards `/arknet/` with the prefix kept.
 pub const DEFAULT_PATH_PREFIX: &str = "/arknet";
 /// Default backend when the config declares none: a local Ollama.
@@ -132,8 +137,35 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     log_level: String,
     api: FileApi,
+    mesh: FileMesh,
+    discovery: FileDiscovery,
     upstream: FileUpstream,
     backends: Option<Vec<FileBackend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileMesh {
+    listen: SocketAddr,
+    hello_interval_secs: u64,
+}
+
+impl Default for FileMesh {
+    fn default() -> Self {
+        FileMesh {
+            listen: DEFAULT_MESH_LISTEN
+                .parse()
+                .expect("default mesh address is valid"),
+            hello_interval_secs: DEFAULT_HELLO_INTERVAL_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileDiscovery {
+    #[serde(rename = "static")]
+    static_peers: Vec<SocketAddr>,
 }
 
 impl Default for FileConfig {
@@ -143,6 +175,8 @@ impl Default for FileConfig {
             data_dir: None,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             api: FileApi::default(),
+            mesh: FileMesh::default(),
+            discovery: FileDiscovery::default(),
             upstream: FileUpstream::default(),
             backends: None,
         }
@@ -157,6 +191,7 @@ struct FileApi {
     path_prefix: String,
     threads: Option<NonZeroUsize>,
     shutdown_grace_secs: u64,
+    admin_token_file: PathBuf,
 }
 
 impl Default for FileApi {
@@ -169,6 +204,7 @@ impl Default for FileApi {
             path_prefix: DEFAULT_PATH_PREFIX.to_string(),
             threads: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            admin_token_file: PathBuf::from(DEFAULT_ADMIN_TOKEN_FILE),
         }
     }
 }
@@ -270,6 +306,14 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Admin token file; relative paths are inside the data dir.
+    pub admin_token_file: PathBuf,
+    /// Mesh listener address.
+    pub mesh_listen: SocketAddr,
+    /// Period of hellos to approved peers.
+    pub hello_interval: Duration,
+    /// Peer endpoints dialed without discovery (`discovery.static`, `--peer`).
+    pub static_peers: Vec<SocketAddr>,
     /// Upstream timeouts.
     pub upstream: UpstreamConfig,
     /// The node's own model servers, in preference order.
@@ -284,6 +328,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The admin token file's full path.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join(&self.admin_token_file)
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -375,6 +424,10 @@ impl Config {
             path_prefix: file.api.path_prefix,
             threads: file.api.threads.map(NonZeroUsize::get),
             shutdown_grace_secs: file.api.shutdown_grace_secs,
+            admin_token_file: file.api.admin_token_file,
+            mesh_listen: file.mesh.listen,
+            hello_interval: Duration::from_secs(file.mesh.hello_interval_secs.max(1)),
+            static_peers: file.discovery.static_peers,
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 first_byte_timeout: Duration::from_secs(u.first_byte_timeout_secs.max(1)),

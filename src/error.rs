@@ -104,6 +104,23 @@ impl ApiError {
         }
     }
 
+    /// 403: a mesh peer may not do this.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(403, code, message)
+    }
+
+    /// 429: a peer is at the concurrency its approval grants.
+    pub fn peer_limit(grant: u32) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                429,
+                "peer_concurrency_limit",
+                format!("you already have {grant} requests in flight here, the most your approval allows"),
+            )
+        }
+    }
+
     /// 504: the backend accepted the request but sent no response header in time.
     pub fn timeout(detail: impl Into<String>) -> Self {
         Self::new(504, "backend_timeout", detail)
@@ -113,7 +130,8 @@ impl ApiError {
     fn openai_type(&self) -> &'static str {
         match self.status {
             400 | 404 | 405 | 413 => "invalid_request_error",
-            503 => "server_busy",
+            403 => "permission_error",
+            429 | 503 => "server_busy",
             _ => "api_error",
         }
     }

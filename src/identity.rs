@@ -18,6 +18,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 const KEY_FILE: &str = "node.key";
 const CERT_FILE: &str = "node.crt";
+/// The mesh TLS leaf (P-256) and its chain `[leaf, identity]`, rewritten at every start so that
+/// tools (curl, tests) can speak mTLS as this node.
+const TLS_KEY_FILE: &str = "tls.key";
+const TLS_CHAIN_FILE: &str = "tls-chain.crt";
 const IDENTITY_DIR: &str = "identity";
 /// PKCS#8 v1 header for an Ed25519 private key (RFC 8410): BoringSSL refuses the v2 documents
 /// ring writes, so the key is stored in this form.
@@ -97,9 +101,24 @@ pub enum IdentityError {
 /// The node's key pair and certificate, loaded from (or created in) the data dir.
 pub struct Identity {
     public_key: PublicKey,
+    key_pair: KeyPair,
     key_pem: String,
     cert_pem: String,
     dir: PathBuf,
+}
+
+/// A TLS leaf certificate issued by the node's identity certificate.
+///
+/// BoringSSL through Pingora's connector cannot use an Ed25519 leaf (its signature-algorithm
+/// list lacks Ed25519), so the Ed25519 identity signs a P-256 leaf and peers check the chain
+/// leaf -> identity -> self-signed (`../shared/notes/pingora-mtls.md`).
+pub struct TlsLeaf {
+    /// PEM of the P-256 leaf certificate.
+    pub cert_pem: String,
+    /// PEM (PKCS#8) of the leaf's private key.
+    pub key_pem: String,
+    /// PEM of the identity certificate that issued it.
+    pub identity_pem: String,
 }
 
 impl fmt::Debug for Identity {
@@ -149,6 +168,7 @@ impl Identity {
         };
         Ok(Identity {
             public_key,
+            key_pair,
             key_pem,
             cert_pem,
             dir,
@@ -173,6 +193,37 @@ impl Identity {
     /// The identity directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Issues a fresh TLS leaf under this identity and writes it (with its chain) next to the
+    /// identity, key file mode 0600.
+    pub fn issue_tls_leaf(&self) -> Result<TlsLeaf, IdentityError> {
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(vec!["arknet".to_string()])?;
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("arknet leaf {}", self.public_key),
+        );
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let issuer_params = identity_params(&self.public_key)?;
+        let issuer = rcgen::Issuer::from_params(&issuer_params, &self.key_pair);
+        let cert_pem = params.signed_by(&leaf_key, &issuer)?.pem();
+        let leaf = TlsLeaf {
+            cert_pem,
+            key_pem: leaf_key.serialize_pem(),
+            identity_pem: self.cert_pem.clone(),
+        };
+        write_atomic(&self.dir.join(TLS_KEY_FILE), leaf.key_pem.as_bytes(), 0o600)?;
+        let chain = format!("{}{}", leaf.cert_pem, leaf.identity_pem);
+        write_atomic(&self.dir.join(TLS_CHAIN_FILE), chain.as_bytes(), 0o644)?;
+        Ok(leaf)
     }
 
     /// Node id derived from the hostname and the key, for nodes that configure none.
@@ -206,6 +257,12 @@ fn create_key(path: &Path) -> Result<String, IdentityError> {
 }
 
 fn self_signed(key: &KeyPair, public_key: &PublicKey) -> Result<String, IdentityError> {
+    Ok(identity_params(public_key)?.self_signed(key)?.pem())
+}
+
+/// The identity certificate's parameters; deterministic so a leaf issued later names exactly
+/// the identity certificate's subject as its issuer.
+fn identity_params(public_key: &PublicKey) -> Result<CertificateParams, IdentityError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params
         .distinguished_name
@@ -218,7 +275,7 @@ fn self_signed(key: &KeyPair, public_key: &PublicKey) -> Result<String, Identity
     ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    Ok(params.self_signed(key)?.pem())
+    Ok(params)
 }
 
 fn cert_matches(pem: &str, key: &PublicKey) -> bool {

@@ -1,20 +1,29 @@
 //! ArkNet: a cooperative grid of home inference servers, one `arknet` binary per node.
 //!
-//! The modules follow the data flow of a request:
-//! [`config`] and [`identity`] set a node up; [`catalog`] learns what the backends serve;
-//! [`gateway`] takes a client request, asks [`routing`] where it goes, and relays it through
-//! [`upstream`]; [`error`] shapes what clients see when it cannot; [`metrics`] counts it all.
-//! [`Node`] wires these together and hands them to Pingora; it holds no logic of its own.
+//! The modules follow the data flow:
+//! [`config`] and [`identity`] set a node up; [`peers`] holds who is known and approved (fed by
+//! the admin API in [`admin`], the approvals file, and [`mesh::client`] hellos); [`catalog`]
+//! learns what the backends serve. A local client request enters [`gateway`], a peer's enters
+//! [`mesh`] (mutual TLS, [`mesh::authz`]); both are served by [`relay`], which asks [`routing`]
+//! where to go and talks through [`upstream`]. [`session`] and [`error`] shape what clients
+//! see; [`metrics`] counts it all. [`Node`] wires these together and hands them to Pingora; it
+//! holds no logic of its own.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod identity;
+pub mod mesh;
 pub mod metrics;
+pub mod peers;
+pub mod relay;
 pub mod routing;
+pub mod session;
+pub mod timefmt;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
@@ -26,11 +35,18 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::admin::{Admin, AdminState};
 use crate::catalog::{Catalog, CatalogRefresh};
 use crate::config::Config;
 use crate::gateway::{Gateway, NodeInfo};
 use crate::identity::{Identity, IdentityError};
+use crate::mesh::client::{MeshClient, MeshPoller};
+use crate::mesh::tls::{MeshTls, TlsError};
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::peers::PeerTable;
+use crate::relay::LocalRelay;
+use crate::session::App;
 use crate::upstream::{Backend, Upstream};
 
 /// Why a node could not start.
@@ -47,6 +63,17 @@ pub enum StartError {
     /// The identity could not be loaded or created.
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
+    /// The mesh TLS material could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The admin token could not be read or created.
+    #[error("admin token {path}: {source}")]
+    AdminToken {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A listener address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -97,11 +124,18 @@ impl Node {
     pub fn run(self) -> Result<(), StartError> {
         // Pingora reports a taken port deep inside its startup; checking here gives the user a
         // one-line error instead.
-        TcpListener::bind(self.config.api_listen).map_err(|source| StartError::Bind {
-            addr: self.config.api_listen,
-            source,
-        })?;
+        for addr in [self.config.api_listen, self.config.mesh_listen] {
+            TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        }
         let config = &self.config;
+        let token_path = config.admin_token_path();
+        let token =
+            admin::load_or_create_token(&token_path).map_err(|source| StartError::AdminToken {
+                path: token_path.clone(),
+                source,
+            })?;
+        let leaf = self.identity.issue_tls_leaf()?;
+        let tls = Arc::new(MeshTls::new(&leaf)?);
         let metrics = Arc::new(Metrics::new());
         let upstream = Arc::new(Upstream::new(&config.upstream));
         let backends: Arc<Vec<Backend>> = Arc::new(
@@ -117,22 +151,65 @@ impl Node {
             metrics.clone(),
             config.upstream.models_refresh,
         ));
+        let relay = Arc::new(LocalRelay::new(
+            backends,
+            upstream.clone(),
+            catalog.clone(),
+            metrics.clone(),
+        ));
+        let peers = Arc::new(PeerTable::open(&config.data_dir));
         let node = NodeInfo {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
         };
-        let gateway = Gateway::new(node, config, backends, upstream, catalog.clone(), metrics);
+        let admin = Admin::new(Arc::new(AdminState {
+            peers: peers.clone(),
+            node: node.clone(),
+            token,
+        }));
+        let gateway = Gateway::new(node.clone(), config, relay.clone(), admin, metrics.clone());
+        let mesh = Mesh::new(
+            node,
+            leaf.identity_pem.clone(),
+            peers.clone(),
+            relay,
+            metrics.clone(),
+            config.max_body_bytes,
+        );
+        let client = Arc::new(MeshClient::new(
+            tls.clone(),
+            upstream,
+            metrics.clone(),
+            &self.node_id,
+            config.mesh_listen.port(),
+        ));
+        let poller = MeshPoller {
+            client,
+            peers,
+            metrics,
+            static_peers: config.static_peers.clone(),
+            hello_interval: config.hello_interval,
+        };
 
         let mut server = Server::new_with_opt_and_conf(None, self.server_conf());
         server.bootstrap();
-        let mut api = Service::new("arknet api".to_string(), gateway);
+        let mut api = Service::new("arknet api".to_string(), App(gateway));
         api.add_tcp(&config.api_listen.to_string());
+        let mut mesh_service = Service::new("arknet mesh".to_string(), App(mesh));
+        mesh_service.add_tls_with_settings(
+            &config.mesh_listen.to_string(),
+            None,
+            tls.server_settings()?,
+        );
         server.add_service(api);
+        server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));
+        server.add_service(background_service("mesh poller", poller));
         tracing::info!(
             node_id = %self.node_id,
             public_key = %self.identity.public_key(),
             api = %config.api_listen,
+            mesh = %config.mesh_listen,
             data_dir = %config.data_dir.display(),
             "arknet node starting"
         );

@@ -29,6 +29,63 @@ enum Command {
     Serve(ServeArgs),
     /// Print this node's id and public key (creating the identity on first use).
     Id(ConfigArgs),
+    /// Manage peers through the running node's admin API.
+    Peers {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        action: PeersAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeersAction {
+    /// Every node seen or approved, with its state.
+    List,
+    /// Nodes seen or refused that are not approved.
+    Pending,
+    /// Approved peers: reachable, latency, in flight, models.
+    Status,
+    /// Approve a peer (or change an approved one).
+    Approve {
+        /// The peer's node id.
+        #[arg(long)]
+        node_id: String,
+        /// The peer's public key (44-character base64, from `arknet id` on that node).
+        #[arg(long)]
+        public_key: String,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Models shared with the peer (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Requests the peer may have in flight here.
+        #[arg(long, default_value_t = 1)]
+        max_concurrent: u32,
+        /// Do not allow inference (approve for hello/status only).
+        #[arg(long)]
+        no_inference: bool,
+        /// Allow model pulls.
+        #[arg(long)]
+        pulls: bool,
+        /// The peer's mesh endpoint, ip:port.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Revoke a peer: its requests are refused at once and its streams end.
+    Revoke {
+        /// By node id.
+        #[arg(
+            long,
+            conflicts_with = "public_key",
+            required_unless_present = "public_key"
+        )]
+        node_id: Option<String>,
+        /// By key.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -54,6 +111,12 @@ struct ServeArgs {
     /// API listener address; overrides `api.listen`.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Mesh listener address; overrides `mesh.listen`.
+    #[arg(long)]
+    mesh_listen: Option<std::net::SocketAddr>,
+    /// A peer's mesh endpoint to dial (repeatable); added to `discovery.static`.
+    #[arg(long = "peer", value_name = "ADDR")]
+    peers: Vec<std::net::SocketAddr>,
     /// Backend base URL (repeatable); replaces the config's `[[backends]]`.
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
@@ -76,6 +139,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Id(args) => id(args),
+        Command::Peers { config, action } => peers(&config, action),
     }
 }
 
@@ -105,6 +169,10 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
     if let Some(listen) = args.listen {
         config.api_listen = listen;
     }
+    if let Some(listen) = args.mesh_listen {
+        config.mesh_listen = listen;
+    }
+    config.static_peers.extend(args.peers.iter().copied());
     if args.backend_max_concurrent == 0 {
         return Err("--backend-max-concurrent must be at least 1".to_string());
     }
@@ -207,4 +275,134 @@ fn init_tracing(default_level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn peers(args: &ConfigArgs, action: PeersAction) -> ExitCode {
+    let config = match load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("arknet: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let (method, path, body) = match action {
+        PeersAction::List => ("GET", "/peers/discovered", None),
+        PeersAction::Pending => ("GET", "/peers/pending", None),
+        PeersAction::Status => ("GET", "/peers/status", None),
+        PeersAction::Approve {
+            node_id,
+            public_key,
+            name,
+            models,
+            max_concurrent,
+            no_inference,
+            pulls,
+            endpoint,
+        } => {
+            let mut body = serde_json::json!({
+                "node_id": node_id,
+                "public_key": public_key,
+                "permissions": {
+                    "can_request_inference": !no_inference,
+                    "can_pull_models": pulls,
+                    "models_shared": models,
+                    "max_concurrent_requests": max_concurrent,
+                },
+            });
+            if let Some(n) = name {
+                body["name"] = n.into();
+            }
+            if let Some(e) = endpoint {
+                body["endpoint"] = e.into();
+            }
+            ("POST", "/peers/approve", Some(body))
+        }
+        PeersAction::Revoke {
+            node_id,
+            public_key,
+        } => {
+            let body = match (node_id, public_key) {
+                (Some(id), _) => serde_json::json!({ "node_id": id }),
+                (None, Some(k)) => serde_json::json!({ "public_key": k }),
+                (None, None) => unreachable_selector(),
+            };
+            ("POST", "/peers/revoke", Some(body))
+        }
+    };
+    let token = std::fs::read_to_string(config.admin_token_path()).ok();
+    match admin_call(
+        config.api_listen,
+        method,
+        path,
+        token.as_deref(),
+        body.as_ref(),
+    ) {
+        Ok((status, text)) => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&text)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(text);
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{pretty}");
+            }
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "arknet: cannot reach the node's admin API at {}: {e}",
+                config.api_listen
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Clap enforces one of `--node-id` / `--public-key`.
+fn unreachable_selector() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+/// One HTTP/1.1 request to the local admin API; returns status and body.
+fn admin_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    // A node listening on the wildcard address is reached on loopback.
+    let addr = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {}\r\n", t.trim()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status in the answer"))?;
+    Ok((status, body.to_string()))
 }

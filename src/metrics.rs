@@ -34,6 +34,14 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     /// Models a backend lists.
     pub backend_models: IntGaugeVec,
+    /// Requests from approved peers on the mesh listener, by peer node id and status.
+    pub mesh_requests: IntCounterVec,
+    /// Mesh requests refused before any backend, by reason.
+    pub mesh_refused: IntCounterVec,
+    /// Nodes whose TLS identity did not match the key they claimed or we pinned.
+    pub mesh_spoofs: prometheus::IntCounter,
+    /// 1 while `approved_peers.json` parses, 0 while a corrupt file is being ignored.
+    pub approvals_file_valid: IntGauge,
 }
 
 impl Metrics {
@@ -100,6 +108,33 @@ impl Metrics {
             &["backend"],
         )
         .expect("static metric definition");
+        let mesh_requests = IntCounterVec::new(
+            Opts::new(
+                "arknet_mesh_requests_total",
+                "Requests from approved peers on the mesh listener",
+            ),
+            &["peer", "status"],
+        )
+        .expect("static metric definition");
+        let mesh_refused = IntCounterVec::new(
+            Opts::new(
+                "arknet_mesh_refused_total",
+                "Mesh requests refused before any backend",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        let mesh_spoofs = prometheus::IntCounter::new(
+            "arknet_mesh_spoofs_total",
+            "Nodes whose TLS identity did not match the key claimed or pinned",
+        )
+        .expect("static metric definition");
+        let approvals_file_valid = IntGauge::new(
+            "arknet_approvals_file_valid",
+            "1 while approved_peers.json parses; 0 while a corrupt file is ignored",
+        )
+        .expect("static metric definition");
+        approvals_file_valid.set(1);
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -109,6 +144,10 @@ impl Metrics {
             Box::new(backend_in_flight.clone()),
             Box::new(backend_up.clone()),
             Box::new(backend_models.clone()),
+            Box::new(mesh_requests.clone()),
+            Box::new(mesh_refused.clone()),
+            Box::new(mesh_spoofs.clone()),
+            Box::new(approvals_file_valid.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -122,6 +161,10 @@ impl Metrics {
             backend_in_flight,
             backend_up,
             backend_models,
+            mesh_requests,
+            mesh_refused,
+            mesh_spoofs,
+            approvals_file_valid,
         }
     }
 

@@ -183,29 +183,47 @@ impl Upstream {
         authority: &str,
         path: &str,
     ) -> Result<serde_json::Value, String> {
+        match self.get(peer, authority, path, &[]).await {
+            Ok((200, Ok(v))) => Ok(v),
+            Ok((200, Err(e))) => Err(format!("{path}: {e}")),
+            Ok((status, _)) => Err(format!("{path}: HTTP {status}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `GET path` on `peer` with extra headers: the status and the body parsed as JSON (bodies
+    /// over 8 MiB are refused).
+    pub async fn get(
+        &self,
+        peer: &HttpPeer,
+        authority: &str,
+        path: &str,
+        headers: &[(&'static str, String)],
+    ) -> Result<(u16, Result<serde_json::Value, String>), SendError> {
+        let addr = socket_addr(peer);
+        let io = |source| SendError::Io { addr, source };
         let mut req =
-            RequestHeader::build("GET", path.as_bytes(), Some(2)).map_err(|e| e.to_string())?;
-        req.insert_header("host", authority)
-            .map_err(|e| e.to_string())?;
+            RequestHeader::build("GET", path.as_bytes(), Some(2 + headers.len())).map_err(io)?;
+        req.insert_header("host", authority).map_err(io)?;
         req.insert_header("accept", "application/json")
-            .map_err(|e| e.to_string())?;
-        let mut rsp = self
-            .send(peer, &req, &Bytes::new())
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(io)?;
+        for (name, value) in headers {
+            req.insert_header(*name, value.as_str()).map_err(io)?;
+        }
+        let mut rsp = self.send(peer, &req, &Bytes::new()).await?;
         let status = rsp.header().status.as_u16();
         let mut body = Vec::new();
-        while let Some(chunk) = rsp.next_chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = rsp.next_chunk().await.map_err(io)? {
             if body.len() + chunk.len() > 8 * 1024 * 1024 {
-                return Err(format!("{path}: response larger than 8 MiB"));
+                return Ok((status, Err("response larger than 8 MiB".to_string())));
             }
             body.extend_from_slice(&chunk);
         }
         self.release(rsp).await;
-        if status != 200 {
-            return Err(format!("{path}: HTTP {status}"));
-        }
-        serde_json::from_slice(&body).map_err(|e| format!("{path}: {e}"))
+        Ok((
+            status,
+            serde_json::from_slice(&body).map_err(|e| e.to_string()),
+        ))
     }
 
     /// Returns a fully read response's connection to the pool.
@@ -252,6 +270,20 @@ fn fresh_peer(peer: &HttpPeer) -> HttpPeer {
     let mut p = peer.clone();
     p.group_key = p.group_key.wrapping_add(0x9e37_79b9_7f4a_7c15);
     p
+}
+
+impl SendError {
+    /// Whether the failure was the TLS handshake refusing the other side's certificate.
+    pub fn is_tls_rejection(&self) -> bool {
+        let source = match self {
+            SendError::Connect { source, .. } | SendError::Io { source, .. } => source,
+            SendError::Timeout { .. } => return false,
+        };
+        matches!(
+            source.etype(),
+            ErrorType::InvalidCert | ErrorType::TLSHandshakeFailure | ErrorType::HandshakeError
+        )
+    }
 }
 
 fn is_stale_connection(e: &Error) -> bool {

@@ -22,6 +22,8 @@ pub enum Endpoint {
     OllamaVersion,
     /// A POST naming a model in its JSON body; routed by that model.
     Model(Dialect),
+    /// `/peers/*` and `/status`: the owner's admin API.
+    Admin,
 }
 
 /// Paths that take a JSON body with a `model` field, per dialect.
@@ -71,6 +73,8 @@ pub fn classify(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
         "/api/tags" => get(Endpoint::ListModels(Dialect::Ollama)),
         "/api/ps" => get(Endpoint::OllamaPs),
         "/api/version" => get(Endpoint::OllamaVersion),
+        "/status" | "/peers" => Ok(Endpoint::Admin),
+        p if p.starts_with("/peers/") => Ok(Endpoint::Admin),
         p if OPENAI_MODEL_PATHS.contains(&p) || OLLAMA_MODEL_PATHS.contains(&p) => {
             if method == Method::POST {
                 Ok(Endpoint::Model(dialect_of(p)))

@@ -100,6 +100,7 @@ impl NodeSpec {
 /// One running `arknet serve` process.
 pub struct NodeProc {
     pub api: SocketAddr,
+    pub mesh: SocketAddr,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
@@ -113,11 +114,14 @@ impl NodeProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let ip = loopback_ip();
         let api = SocketAddr::from((ip, free_port(ip)));
+        let mesh = SocketAddr::from((ip, free_port(ip)));
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("arknet.toml");
-        std::fs::write(&config_path, render_config(spec, api, &data_dir)).expect("write config");
+        std::fs::write(&config_path, render_config(spec, api, mesh, &data_dir))
+            .expect("write config");
         let mut node = NodeProc {
             api,
+            mesh,
             data_dir,
             config_path,
             log_path: dir.path().join("arknet.log"),
@@ -211,6 +215,44 @@ impl NodeProc {
         http::post_json(self.api, path, body)
     }
 
+    /// The node's id, from `/health`.
+    pub fn node_id(&self) -> String {
+        self.get("/health").json()["node_id"]
+            .as_str()
+            .expect("node_id in /health")
+            .to_string()
+    }
+
+    /// Files that let a client speak mTLS as this node: (key, chain).
+    pub fn tls_files(&self) -> (PathBuf, PathBuf) {
+        let id = self.data_dir.join("identity");
+        (id.join("tls.key"), id.join("tls-chain.crt"))
+    }
+
+    /// Approves `peer` on this node through the admin API, sharing `models`.
+    pub fn approve(&self, peer: &NodeProc, models: &[&str], max_concurrent: u32) -> http::Response {
+        let rsp = self.post(
+            "/peers/approve",
+            &serde_json::json!({
+                "node_id": peer.node_id(),
+                "public_key": peer.public_key(),
+                "endpoint": peer.mesh.to_string(),
+                "permissions": {"models_shared": models, "max_concurrent_requests": max_concurrent},
+            }),
+        );
+        assert_eq!(rsp.status, 200, "approve: {}", rsp.text());
+        rsp
+    }
+
+    /// Revokes `peer` on this node.
+    pub fn revoke(&self, peer: &NodeProc) {
+        let rsp = self.post(
+            "/peers/revoke",
+            &serde_json::json!({"public_key": peer.public_key()}),
+        );
+        assert_eq!(rsp.status, 200, "revoke: {}", rsp.text());
+    }
+
     /// The node's public key, from `/health`.
     pub fn public_key(&self) -> String {
         self.get("/health").json()["public_key"]
@@ -243,9 +285,9 @@ impl Grid {
     }
 }
 
-fn render_config(spec: &NodeSpec, api: SocketAddr, data_dir: &Path) -> String {
+fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &Path) -> String {
     let mut toml = format!(
-        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = 1\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
         data_dir.display().to_string(),
         spec.extra_toml
     );

@@ -5,4 +5,5 @@
 pub mod fake_backend;
 pub mod grid;
 pub mod http;
+pub mod mesh;
 pub mod nginx;

@@ -1,0 +1,687 @@
+//! The owner's admin API, served on the API listener.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/status` | this node, approvals file state, counts |
+//! | GET | `/peers/discovered` | every node seen or approved, with state and how it was seen |
+//! | GET | `/peers/pending` | seen or refused, not approved |
+//! | GET | `/peers/approved` | the approvals (the file's content) |
+//! | GET | `/peers/status` | per approved peer: reachable, last hello, latency, in flight, models |
+//! | POST | `/peers/approve` | `{"node_id","public_key","name"?,"permissions"?,"endpoint"?}` |
+//! | POST | `/peers/revoke` | `{"node_id"}` or `{"public_key"}` |
+//! | PATCH | `/peers/{node_id or key}` | merge `{"permissions":{...}}` into the peer's |
+//! | PUT | `/peers/{node_id or key}` | replace the peer's permissions |
+//!
+//! Mutations are accepted from loopback when no forwarding header is present (a local `curl`);
+//! anything else (through Nginx, from the LAN) needs `Authorization: Bearer <admin.token>`.
+//! Handlers are an axum [`Router`] so tests can drive them without sockets.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::gateway::NodeInfo;
+use crate::identity::PublicKey;
+use crate::peers::store::{ApprovedPeer, Permissions};
+use crate::peers::{ChangeError, PeerTable, Selector};
+use crate::session::{read_body, Outcome};
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 1024 * 1024;
+/// Headers that mean "a proxy forwarded this": the loopback exemption does not apply.
+const FORWARDING_HEADERS: [&str; 4] = ["x-forwarded-for", "forwarded", "x-real-ip", "via"];
+
+/// Where a request came from, attached by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<SocketAddr>);
+
+/// What the handlers share.
+pub struct AdminState {
+    /// The peer table.
+    pub peers: Arc<PeerTable>,
+    /// This node.
+    pub node: NodeInfo,
+    /// Bearer token for non-local mutations.
+    pub token: String,
+}
+
+/// The admin API as mounted on the API listener.
+#[derive(Clone)]
+pub struct Admin {
+    router: Router,
+}
+
+impl Admin {
+    /// Builds the router over `state`.
+    pub fn new(state: Arc<AdminState>) -> Self {
+        Admin {
+            router: router(state),
+        }
+    }
+
+    /// Serves one admin request from a Pingora session through the router.
+    pub async fn serve(&self, s: &mut ServerSession, path: &str) -> Outcome {
+        let body = match read_body(s, MAX_ADMIN_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                s.set_keepalive(None);
+                let mut out =
+                    crate::session::reply_error(s, crate::error::Dialect::OpenAi, &e).await;
+                out.reusable = false;
+                return out;
+            }
+        };
+        let req_header = s.req_header();
+        let uri = match req_header.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let mut builder = axum::http::Request::builder()
+            .method(req_header.method.clone())
+            .uri(uri);
+        for (name, value) in req_header.headers.iter() {
+            builder = builder.header(name, value);
+        }
+        let client = ClientAddr(s.client_addr().and_then(|a| a.as_inet()).copied());
+        let request = match builder.extension(client).body(Body::from(body)) {
+            Ok(r) => r,
+            Err(e) => return reply(s, error(StatusCode::BAD_REQUEST, &e.to_string())).await,
+        };
+        let response = match self.router.clone().oneshot(request).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        reply(s, response).await
+    }
+}
+
+async fn reply(s: &mut ServerSession, response: Response) -> Outcome {
+    let (parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
+    let bytes: Bytes = axum::body::to_bytes(body, 16 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let Ok(mut h) = ResponseHeader::build(status, Some(parts.headers.len() + 1)) else {
+        return Outcome::answered(status, false);
+    };
+    for (name, value) in parts.headers.iter() {
+        let _ = h.append_header(name.clone(), value.clone());
+    }
+    let _ = h.insert_header(header::CONTENT_LENGTH, bytes.len().to_string());
+    let ok = s.write_response_header(Box::new(h)).await.is_ok()
+        && s.write_response_body(bytes, true).await.is_ok();
+    Outcome::answered(status, ok)
+}
+
+/// The admin routes over `state`; `ClientAddr` must be in each request's extensions.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/peers", get(approved))
+        .route("/peers/approved", get(approved))
+        .route("/peers/discovered", get(discovered))
+        .route("/peers/pending", get(pending))
+        .route("/peers/status", get(peer_status))
+        .route("/peers/approve", post(approve))
+        .route("/peers/revoke", post(revoke))
+        .route("/peers/{id}", patch(patch_peer).put(put_peer))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard_mutations,
+        ))
+        .with_state(state)
+}
+
+/// Reads (or creates, mode 0600) the admin token in the data dir.
+pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    use ring::rand::SecureRandom;
+    let mut raw = [0u8; 24];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| std::io::Error::other("no system randomness"))?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    crate::identity::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(token)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::UNAUTHORIZED => "admin_token_required",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        _ => "internal_error",
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": "invalid_request_error", "code": code}})),
+    )
+        .into_response()
+}
+
+async fn guard_mutations(
+    State(state): State<Arc<AdminState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    let local = req
+        .extensions()
+        .get::<ClientAddr>()
+        .and_then(|c| c.0)
+        .is_some_and(|a| a.ip().is_loopback());
+    let forwarded = FORWARDING_HEADERS
+        .iter()
+        .any(|h| req.headers().contains_key(*h));
+    if (local && !forwarded) || bearer_matches(req.headers(), &state.token) {
+        return next.run(req).await;
+    }
+    error(
+        StatusCode::UNAUTHORIZED,
+        "changing approvals from here needs `Authorization: Bearer <token>` (the token is in the node's data dir, admin.token)",
+    )
+}
+
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Compare every byte whatever the first difference: the token must not leak through timing.
+    let (given, token) = (given.trim().as_bytes(), token.as_bytes());
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let approvals = state.peers.approvals();
+    Json(json!({
+        "node_id": state.node.node_id,
+        "public_key": state.node.public_key.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "approved_peers": approvals.file.peers.len(),
+        "pending_peers": state.peers.pending().len(),
+        "approvals_file": {
+            "path": state.peers.path().display().to_string(),
+            "valid": state.peers.file_error().is_none(),
+            "error": state.peers.file_error(),
+        },
+    }))
+}
+
+async fn approved(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    Json(serde_json::to_value(&state.peers.approvals().file).unwrap_or(Value::Null))
+}
+
+async fn discovered(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    Json(json!({ "peers": state.peers.discovered() }))
+}
+
+async fn pending(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    Json(json!({ "peers": state.peers.pending() }))
+}
+
+async fn peer_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let approvals = state.peers.approvals();
+    let peers: Vec<Value> = approvals
+        .file
+        .peers
+        .iter()
+        .map(|p| {
+            let status = state.peers.status(&p.public_key);
+            let runtime = state.peers.runtime(&p.public_key);
+            json!({
+                "node_id": p.node_id,
+                "public_key": p.public_key.to_string(),
+                "endpoint": state.peers.endpoint_of(&p.public_key),
+                "reachable": status.reachable,
+                "last_hello": status.last_hello,
+                "latency_ms": status.latency_ms,
+                "models_shared_with_us": status.models,
+                "models_we_share": p.permissions.models_shared,
+                "in_flight": runtime.as_ref().map_or(0, |r| r.in_flight()),
+                "max_concurrent_requests": p.permissions.max_concurrent_requests,
+                "error": status.error,
+            })
+        })
+        .collect();
+    Json(json!({
+        "peers": peers,
+        "approvals_file": {"valid": state.peers.file_error().is_none(), "error": state.peers.file_error()},
+    }))
+}
+
+/// `POST /peers/approve` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    node_id: String,
+    public_key: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    permissions: Option<PermissionsBody>,
+    #[serde(default)]
+    endpoint: Option<String>,
+}
+
+/// Permissions as sent by clients: every field optional (defaults, or the current value for
+/// PATCH).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermissionsBody {
+    can_request_inference: Option<bool>,
+    can_pull_models: Option<bool>,
+    models_shared: Option<Vec<String>>,
+    max_concurrent_requests: Option<u32>,
+}
+
+impl PermissionsBody {
+    fn apply(self, p: &mut Permissions) {
+        if let Some(v) = self.can_request_inference {
+            p.can_request_inference = v;
+        }
+        if let Some(v) = self.can_pull_models {
+            p.can_pull_models = v;
+        }
+        if let Some(v) = self.models_shared {
+            p.models_shared = v;
+        }
+        if let Some(v) = self.max_concurrent_requests {
+            p.max_concurrent_requests = v;
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermissionsOnly {
+    permissions: PermissionsBody,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    #[serde(default)]
+    node_id: Option<String>,
+    #[serde(default)]
+    public_key: Option<String>,
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("request body: {e}"))
+}
+
+fn parse_key(field: &str, s: &str) -> Result<PublicKey, String> {
+    s.parse().map_err(|e| format!("{field}: {e}"))
+}
+
+fn bad_request(message: String) -> Response {
+    error(StatusCode::BAD_REQUEST, &message)
+}
+
+fn change_error(e: ChangeError) -> Response {
+    let status = match &e {
+        ChangeError::FileCorrupt(_) | ChangeError::Conflict(_) => StatusCode::CONFLICT,
+        ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+        ChangeError::Write(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
+fn peer_json(p: &ApprovedPeer) -> Json<Value> {
+    Json(serde_json::to_value(p).unwrap_or(Value::Null))
+}
+
+async fn approve(State(state): State<Arc<AdminState>>, body: Bytes) -> Response {
+    let b: ApproveBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(m) => return bad_request(m),
+    };
+    if !crate::config::valid_node_id(&b.node_id) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "node_id: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'",
+        );
+    }
+    let key = match parse_key("public_key", &b.public_key) {
+        Ok(k) => k,
+        Err(m) => return bad_request(m),
+    };
+    if key == state.node.public_key {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "public_key: that is this node's own key",
+        );
+    }
+    if let Some(ep) = &b.endpoint {
+        if ep.parse::<SocketAddr>().is_err() {
+            return error(StatusCode::BAD_REQUEST, "endpoint: expected ip:port");
+        }
+    }
+    let mut permissions = Permissions::default();
+    b.permissions.unwrap_or_default().apply(&mut permissions);
+    let peer = ApprovedPeer {
+        node_id: b.node_id,
+        public_key: key,
+        name: b.name.unwrap_or_default(),
+        approved_at: String::new(),
+        permissions,
+        endpoint: b.endpoint,
+        extra: Default::default(),
+    };
+    match state.peers.approve(peer).await {
+        Ok(p) => {
+            tracing::info!(node_id = %p.node_id, public_key = %p.public_key, "peer approved");
+            peer_json(&p).into_response()
+        }
+        Err(e) => change_error(e),
+    }
+}
+
+async fn revoke(State(state): State<Arc<AdminState>>, body: Bytes) -> Response {
+    let b: RevokeBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(m) => return bad_request(m),
+    };
+    let selector = match (b.node_id, b.public_key) {
+        (Some(id), None) => Selector::NodeId(id),
+        (None, Some(k)) => match parse_key("public_key", &k) {
+            Ok(k) => Selector::Key(k),
+            Err(m) => return bad_request(m),
+        },
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of node_id or public_key",
+            )
+        }
+    };
+    match state.peers.revoke(&selector).await {
+        Ok(p) => {
+            tracing::info!(node_id = %p.node_id, public_key = %p.public_key, "peer revoked");
+            Json(json!({"revoked": serde_json::to_value(&p).unwrap_or(Value::Null)}))
+                .into_response()
+        }
+        Err(e) => change_error(e),
+    }
+}
+
+fn selector_of(id: &str) -> Selector {
+    match id.parse::<PublicKey>() {
+        Ok(k) if id.len() == 44 => Selector::Key(k),
+        _ => Selector::NodeId(id.to_string()),
+    }
+}
+
+async fn patch_peer(
+    State(state): State<Arc<AdminState>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    let b: PermissionsOnly = match parse_body(&body) {
+        Ok(b) => b,
+        Err(m) => return bad_request(m),
+    };
+    match state
+        .peers
+        .update(&selector_of(&id), |p| b.permissions.apply(p))
+        .await
+    {
+        Ok(p) => peer_json(&p).into_response(),
+        Err(e) => change_error(e),
+    }
+}
+
+async fn put_peer(
+    State(state): State<Arc<AdminState>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    let b: PermissionsOnly = match parse_body(&body) {
+        Ok(b) => b,
+        Err(m) => return bad_request(m),
+    };
+    let mut fresh = Permissions::default();
+    b.permissions.apply(&mut fresh);
+    match state.peers.update(&selector_of(&id), |p| *p = fresh).await {
+        Ok(p) => peer_json(&p).into_response(),
+        Err(e) => change_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request as HttpRequest;
+
+    fn state(dir: &Path) -> Arc<AdminState> {
+        Arc::new(AdminState {
+            peers: Arc::new(PeerTable::open(dir)),
+            node: NodeInfo {
+                node_id: "me".into(),
+                public_key: PublicKey::from_bytes([0; 32]),
+            },
+            token: "secret".into(),
+        })
+    }
+
+    async fn call(
+        state: &Arc<AdminState>,
+        method: &str,
+        uri: &str,
+        from: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, Value) {
+        let mut b = HttpRequest::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b
+            .extension(ClientAddr(Some(from.parse().expect("addr"))))
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let rsp = router(state.clone())
+            .oneshot(req)
+            .await
+            .expect("infallible");
+        let status = rsp.status().as_u16();
+        let bytes = axum::body::to_bytes(rsp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+    #[tokio::test]
+    async fn loopback_without_forwarding_headers_may_approve() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = state(dir.path());
+        let body = format!(
+            r#"{{"node_id":"dave","public_key":"{KEY}","permissions":{{"models_shared":["m"],"max_concurrent_requests":2}}}}"#
+        );
+        let (status, v) = call(&st, "POST", "/peers/approve", "127.0.0.1:5000", &[], &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["permissions"]["max_concurrent_requests"], 2);
+        assert_eq!(v["permissions"]["can_request_inference"], true);
+        let (_, listed) = call(&st, "GET", "/peers/approved", "10.0.0.9:1", &[], "").await;
+        assert_eq!(listed["peers"][0]["node_id"], "dave");
+    }
+
+    #[tokio::test]
+    async fn forwarded_or_remote_mutations_need_the_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = state(dir.path());
+        let body = format!(r#"{{"node_id":"dave","public_key":"{KEY}"}}"#);
+        let (s1, _) = call(
+            &st,
+            "POST",
+            "/peers/approve",
+            "127.0.0.1:5000",
+            &[("x-forwarded-for", "1.2.3.4")],
+            &body,
+        )
+        .await;
+        let (s2, _) = call(
+            &st,
+            "POST",
+            "/peers/approve",
+            "192.168.1.5:5000",
+            &[],
+            &body,
+        )
+        .await;
+        let (s3, _) = call(
+            &st,
+            "POST",
+            "/peers/approve",
+            "192.168.1.5:5000",
+            &[("authorization", "Bearer wrong")],
+            &body,
+        )
+        .await;
+        assert_eq!((s1, s2, s3), (401, 401, 401));
+        assert!(st.peers.approvals().file.peers.is_empty());
+        let (s4, _) = call(
+            &st,
+            "POST",
+            "/peers/approve",
+            "192.168.1.5:5000",
+            &[("authorization", "Bearer secret")],
+            &body,
+        )
+        .await;
+        assert_eq!(s4, 200);
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_get_400_naming_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = state(dir.path());
+        for (body, field) in [
+            (r#"{"public_key":"x"}"#.to_string(), "node_id"),
+            (
+                format!(r#"{{"node_id":"a b","public_key":"{KEY}"}}"#),
+                "node_id",
+            ),
+            (
+                r#"{"node_id":"a","public_key":"short"}"#.to_string(),
+                "public_key",
+            ),
+            (
+                format!(r#"{{"node_id":"a","public_key":"{KEY}","permisions":{{}}}}"#),
+                "permisions",
+            ),
+            (
+                format!(r#"{{"node_id":"a","public_key":"{KEY}","endpoint":"nowhere"}}"#),
+                "endpoint",
+            ),
+            ("not json".to_string(), "body"),
+        ] {
+            let (status, v) = call(&st, "POST", "/peers/approve", "127.0.0.1:1", &[], &body).await;
+            assert_eq!(status, 400, "{body}");
+            let msg = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains(field), "{body}: {msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn patch_merges_and_put_replaces_and_revoke_removes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = state(dir.path());
+        let body = format!(
+            r#"{{"node_id":"dave","public_key":"{KEY}","permissions":{{"models_shared":["a","b"],"max_concurrent_requests":3}}}}"#
+        );
+        assert_eq!(
+            call(&st, "POST", "/peers/approve", "127.0.0.1:1", &[], &body)
+                .await
+                .0,
+            200
+        );
+        let (s, v) = call(
+            &st,
+            "PATCH",
+            "/peers/dave",
+            "127.0.0.1:1",
+            &[],
+            r#"{"permissions":{"models_shared":["a"]}}"#,
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            v["permissions"]["max_concurrent_requests"], 3,
+            "PATCH keeps what it does not name"
+        );
+        let (s, v) = call(
+            &st,
+            "PUT",
+            "/peers/dave",
+            "127.0.0.1:1",
+            &[],
+            r#"{"permissions":{"models_shared":["c"]}}"#,
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            v["permissions"]["max_concurrent_requests"], 1,
+            "PUT starts from defaults"
+        );
+        let (s, _) = call(
+            &st,
+            "POST",
+            "/peers/revoke",
+            "127.0.0.1:1",
+            &[],
+            r#"{"node_id":"nobody"}"#,
+        )
+        .await;
+        assert_eq!(s, 404);
+        let (s, _) = call(
+            &st,
+            "POST",
+            "/peers/revoke",
+            "127.0.0.1:1",
+            &[],
+            &format!(r#"{{"public_key":"{KEY}"}}"#),
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert!(st.peers.approvals().file.peers.is_empty());
+    }
+}

@@ -1,0 +1,250 @@
+//! The mesh listener: approved peers only, mutual TLS, served by this node's own backends.
+//!
+//! Phases of one peer request, each refusing before any backend is touched:
+//!
+//! ```text
+//! TLS identity (tls.rs) -> approved key? (authz::admit, 403; unknown keys become pending)
+//!   GET  /mesh/v1/hello            -> who we are, models shared with you, your free slots
+//!   GET  /v1/models, /api/tags     -> only the models shared with you
+//!   POST model routes -> may infer? (403) -> body (413/400) -> model shared? (403)
+//!                     -> peer slot (429) -> local relay, ended at once if the peer is revoked
+//! ```
+//!
+//! Requests from peers are served by local backends only: this listener never forwards to a
+//! third node (no open relay), and no header of the peer's reaches the backend.
+
+pub mod authz;
+pub mod client;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, Dialect};
+use crate::gateway::request::{classify, dialect_of, model_of, Endpoint};
+use crate::gateway::NodeInfo;
+use crate::metrics::Metrics;
+use crate::peers::store::ApprovedPeer;
+use crate::peers::{PeerTable, Source};
+use crate::relay::{LocalRelay, ModelRequest};
+use crate::session::{read_body_or_reply, reply_error, reply_json, Handler, Outcome};
+use authz::Denied;
+use tls::PeerIdentity;
+
+/// Mesh protocol version, in hello and mDNS TXT `v`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Path of the hello exchange.
+pub const HELLO_PATH: &str = "/mesh/v1/hello";
+/// Header a node sends to say which node id it goes by (a claim, informative only).
+pub const NODE_ID_HEADER: &str = "x-arknet-node-id";
+/// Header a node sends to say on which port its own mesh listener is, so that the node it
+/// talks to can list it with an endpoint to dial back.
+pub const MESH_PORT_HEADER: &str = "x-arknet-mesh-port";
+
+/// The mesh listener's request handler.
+pub struct Mesh {
+    node: NodeInfo,
+    identity_pem: String,
+    peers: Arc<PeerTable>,
+    relay: Arc<LocalRelay>,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+}
+
+#[async_trait]
+impl Handler for Mesh {
+    async fn handle(&self, s: &mut ServerSession) -> bool {
+        let started = Instant::now();
+        let path = s.req_header().uri.path().to_string();
+        let dialect = dialect_of(&path);
+        let key = s
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|d| d.extension.get::<PeerIdentity>())
+            .map(|p| p.0);
+        let approvals = self.peers.approvals();
+        let peer = match authz::admit(&approvals, key.as_ref()) {
+            Ok(peer) => peer,
+            Err(denied) => {
+                if let Some(key) = key {
+                    self.record_stranger(s, key);
+                }
+                return self.deny(s, dialect, &denied).await.reusable;
+            }
+        };
+        let outcome = if path == HELLO_PATH {
+            reply_json(s, 200, &self.hello(peer)).await
+        } else {
+            match classify(&s.req_header().method, &path) {
+                Ok(Endpoint::ListModels(d)) => {
+                    let listing = self
+                        .relay
+                        .catalog()
+                        .snapshot()
+                        .listing_where(d, |m| authz::shares(peer, m));
+                    reply_json(s, 200, &listing).await
+                }
+                Ok(Endpoint::Model(d)) => self.infer(s, peer, d, &path, started).await,
+                Ok(_) => reply_error(s, dialect, &ApiError::no_route(&path)).await,
+                Err(e) => reply_error(s, dialect, &e).await,
+            }
+        };
+        self.metrics
+            .mesh_requests
+            .with_label_values(&[&peer.node_id, &outcome.status.to_string()])
+            .inc();
+        outcome.reusable
+    }
+}
+
+impl Mesh {
+    /// Assembles the handler.
+    pub fn new(
+        node: NodeInfo,
+        identity_pem: String,
+        peers: Arc<PeerTable>,
+        relay: Arc<LocalRelay>,
+        metrics: Arc<Metrics>,
+        max_body_bytes: usize,
+    ) -> Self {
+        Mesh {
+            node,
+            identity_pem,
+            peers,
+            relay,
+            metrics,
+            max_body_bytes,
+        }
+    }
+
+    /// An approved peer's model request.
+    async fn infer(
+        &self,
+        s: &mut ServerSession,
+        peer: &ApprovedPeer,
+        dialect: Dialect,
+        path: &str,
+        started: Instant,
+    ) -> Outcome {
+        if let Err(denied) = authz::may_infer(peer) {
+            return self.deny(s, dialect, &denied).await;
+        }
+        let Some(runtime) = self.peers.runtime(&peer.public_key) else {
+            return self.deny(s, dialect, &Denied::Unknown).await;
+        };
+        let body = match read_body_or_reply(s, self.max_body_bytes, dialect).await {
+            Ok(body) => body,
+            Err(outcome) => return outcome,
+        };
+        let model = match model_of(&body) {
+            Ok(m) => m,
+            Err(e) => return reply_error(s, dialect, &e).await,
+        };
+        let permit = match authz::authorize(peer, &model) {
+            Ok(permit) => permit,
+            Err(denied) => return self.deny(s, dialect, &denied).await,
+        };
+        let Some(_slot) = runtime.try_slot() else {
+            self.metrics
+                .mesh_refused
+                .with_label_values(&["peer_limit"])
+                .inc();
+            return reply_error(s, dialect, &ApiError::peer_limit(runtime.grant())).await;
+        };
+        let req = ModelRequest {
+            dialect,
+            path,
+            model: &permit.model,
+            body,
+            started,
+            forward_client_headers: false,
+            stop: Some(runtime.stop_signal()),
+        };
+        let mut outcome = self.relay.serve(s, req).await;
+        outcome.model = Some(permit.model);
+        outcome
+    }
+
+    async fn deny(&self, s: &mut ServerSession, dialect: Dialect, denied: &Denied) -> Outcome {
+        self.metrics
+            .mesh_refused
+            .with_label_values(&[denied.code()])
+            .inc();
+        let mut e = ApiError::forbidden(denied.code(), denied.to_string());
+        if matches!(denied, Denied::Unknown | Denied::NoCertificate) {
+            // Strangers learn who we are (public anyway: it is in every TLS handshake and mDNS
+            // record), so that their owner can approve us in return.
+            e.message = format!(
+                "{} (node {} key {})",
+                e.message, self.node.node_id, self.node.public_key
+            );
+            let body = json!({
+                "error": {"message": e.message, "type": "permission_error", "code": e.code},
+                "node_id": self.node.node_id,
+                "public_key": self.node.public_key.to_string(),
+                "identity_cert": self.identity_pem,
+            });
+            return reply_json(s, 403, &body).await;
+        }
+        reply_error(s, dialect, &e).await
+    }
+
+    /// An unapproved key connected: list it as pending so its owner's request can be approved.
+    fn record_stranger(&self, s: &ServerSession, key: crate::identity::PublicKey) {
+        let header = |name: &str| {
+            s.req_header()
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let node_id = header(NODE_ID_HEADER).filter(|id| crate::config::valid_node_id(id));
+        let client_ip = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let endpoint = match (
+            client_ip,
+            header(MESH_PORT_HEADER).and_then(|p| p.parse::<u16>().ok()),
+        ) {
+            (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port).to_string()),
+            _ => None,
+        };
+        self.peers.sighted(key, Source::Connect, node_id, endpoint);
+    }
+
+    /// Hello for one approved peer: only what is shared with it.
+    fn hello(&self, peer: &ApprovedPeer) -> Value {
+        let (in_flight, grant) = self
+            .peers
+            .runtime(&peer.public_key)
+            .map_or((0, 0), |r| (r.in_flight(), r.grant() as usize));
+        let own_free = grant.saturating_sub(in_flight);
+        let models: Vec<Value> = if peer.permissions.can_request_inference {
+            self.relay
+                .catalog()
+                .snapshot()
+                .model_names()
+                .into_iter()
+                .filter(|m| authz::shares(peer, m))
+                .map(|m| {
+                    let free = own_free.min(self.relay.free_slots(&m));
+                    json!({"name": m, "free_slots": free})
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        json!({
+            "node_id": self.node.node_id,
+            "public_key": self.node.public_key.to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": PROTOCOL_VERSION,
+            "identity_cert": self.identity_pem,
+            "you": {"node_id": peer.node_id, "grant": grant, "in_flight": in_flight},
+            "models": models,
+        })
+    }
+}

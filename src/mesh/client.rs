@@ -1,0 +1,265 @@
+//! Talking to other nodes' mesh listeners: hello, identity proof, and the background loop that
+//! keeps `/peers/status` current and turns static endpoints into sightings.
+//!
+//! A node's identity certificate is public (it is sent in every handshake); learning it over an
+//! unverified connection is harmless because it is then *pinned*: the next connection succeeds
+//! only if the other side holds a leaf key issued by that identity. A certificate for another
+//! key than the one expected, or a pinned handshake that fails, counts as a spoof.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::tls::x509::X509;
+use serde_json::Value;
+
+use super::tls::{parse_identity_cert, MeshTls, MESH_SNI};
+use super::{HELLO_PATH, MESH_PORT_HEADER, NODE_ID_HEADER};
+use crate::identity::PublicKey;
+use crate::metrics::Metrics;
+use crate::peers::{PeerTable, Source};
+use crate::timefmt::now_rfc3339;
+use crate::upstream::{SendError, Upstream};
+
+/// Why a hello failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    /// Could not talk to it at all.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// It answered with something that is not a hello.
+    #[error("bad hello: {0}")]
+    Protocol(String),
+    /// Its certificate is not the identity expected there.
+    #[error("spoof: {0}")]
+    Spoof(String),
+    /// It is reachable and proved its key, but has not approved us (yet).
+    #[error("the peer has not approved this node")]
+    NotApproved,
+}
+
+/// A verified hello answer.
+#[derive(Debug, Clone)]
+pub struct Hello {
+    /// The peer's key, proven by the pinned TLS handshake.
+    pub key: PublicKey,
+    /// The node id it goes by.
+    pub node_id: Option<String>,
+    /// Models it shares with us, with free slots for us (empty when it has not approved us).
+    pub models: Vec<Value>,
+    /// Whether the peer has approved us.
+    pub approved_us: bool,
+    /// Round trip of the pinned request.
+    pub latency: Duration,
+}
+
+/// Outbound side of the mesh.
+pub struct MeshClient {
+    tls: Arc<MeshTls>,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    own_headers: Vec<(&'static str, String)>,
+    pins: Mutex<HashMap<PublicKey, X509>>,
+}
+
+impl MeshClient {
+    /// A client presenting this node's certificate and announcing `node_id` and `mesh_port`.
+    pub fn new(
+        tls: Arc<MeshTls>,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        node_id: &str,
+        mesh_port: u16,
+    ) -> Self {
+        MeshClient {
+            tls,
+            upstream,
+            metrics,
+            own_headers: vec![
+                (NODE_ID_HEADER, node_id.to_string()),
+                (MESH_PORT_HEADER, mesh_port.to_string()),
+            ],
+            pins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Hello to whoever listens at `addr`; `expected` pins the key when known. Returns the
+    /// verified identity.
+    pub async fn hello(
+        &self,
+        addr: SocketAddr,
+        expected: Option<&PublicKey>,
+    ) -> Result<Hello, HelloError> {
+        let pinned = expected.and_then(|k| self.pin(k).map(|c| (*k, c)));
+        let (key, pin) = match pinned {
+            Some(p) => p,
+            None => self.learn(addr, expected).await?,
+        };
+        let peer = self.tls.peer(addr, &pin, &key);
+        let started = Instant::now();
+        let answer = self
+            .upstream
+            .get(&peer, MESH_SNI, HELLO_PATH, &self.own_headers)
+            .await;
+        let latency = started.elapsed();
+        let (status, body) = answer.map_err(|e| {
+            if e.is_tls_rejection() {
+                self.spoof(format!("{addr} could not prove key {key}: {e}"))
+            } else {
+                HelloError::Unreachable(e.to_string())
+            }
+        })?;
+        let body = body.map_err(HelloError::Protocol)?;
+        let node_id = body["node_id"].as_str().map(str::to_string);
+        match status {
+            200 => Ok(Hello {
+                key,
+                node_id,
+                models: body["models"].as_array().cloned().unwrap_or_default(),
+                approved_us: true,
+                latency,
+            }),
+            403 => Ok(Hello {
+                key,
+                node_id,
+                models: Vec::new(),
+                approved_us: false,
+                latency,
+            }),
+            s => Err(HelloError::Protocol(format!("hello answered HTTP {s}"))),
+        }
+    }
+
+    fn pin(&self, key: &PublicKey) -> Option<X509> {
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    /// Fetches the identity certificate `addr` claims, checks it against `expected`, and keeps
+    /// it as the pin for that key.
+    async fn learn(
+        &self,
+        addr: SocketAddr,
+        expected: Option<&PublicKey>,
+    ) -> Result<(PublicKey, X509), HelloError> {
+        let peer = self.tls.unverified_peer(addr);
+        let (_, body) = self
+            .upstream
+            .get(&peer, MESH_SNI, HELLO_PATH, &self.own_headers)
+            .await
+            .map_err(|e: SendError| HelloError::Unreachable(e.to_string()))?;
+        let body = body.map_err(HelloError::Protocol)?;
+        let pem = body["identity_cert"]
+            .as_str()
+            .ok_or_else(|| HelloError::Protocol("no identity certificate in hello".into()))?;
+        let (cert, key) = parse_identity_cert(pem).ok_or_else(|| {
+            HelloError::Protocol(
+                "identity certificate is not a self-signed Ed25519 certificate".into(),
+            )
+        })?;
+        if expected.is_some_and(|e| *e != key) {
+            return Err(self.spoof(format!(
+                "{addr} claims key {key}, expected {}",
+                expected.map(ToString::to_string).unwrap_or_default()
+            )));
+        }
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, cert.clone());
+        Ok((key, cert))
+    }
+
+    fn spoof(&self, what: String) -> HelloError {
+        self.metrics.mesh_spoofs.inc();
+        tracing::warn!(%what, "identity mismatch on the mesh");
+        HelloError::Spoof(what)
+    }
+}
+
+/// Background loop: re-reads `approved_peers.json` when edited, probes static endpoints, and
+/// says hello to every approved peer with a known endpoint.
+pub struct MeshPoller {
+    /// Outbound client.
+    pub client: Arc<MeshClient>,
+    /// The peer table it reports into.
+    pub peers: Arc<PeerTable>,
+    /// Metrics (approvals file validity).
+    pub metrics: Arc<Metrics>,
+    /// Configured peer endpoints.
+    pub static_peers: Vec<SocketAddr>,
+    /// Period of hellos.
+    pub hello_interval: Duration,
+}
+
+/// How often the approvals file is checked for hand edits.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+#[async_trait]
+impl BackgroundService for MeshPoller {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut last_hello: Option<Instant> = None;
+        loop {
+            self.peers.reload_if_changed();
+            self.metrics
+                .approvals_file_valid
+                .set(i64::from(self.peers.file_error().is_none()));
+            if last_hello.is_none_or(|t| t.elapsed() >= self.hello_interval) {
+                last_hello = Some(Instant::now());
+                self.round().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FILE_CHECK_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+impl MeshPoller {
+    async fn round(&self) {
+        for addr in &self.static_peers {
+            match self.client.hello(*addr, None).await {
+                Ok(h) => {
+                    self.peers
+                        .sighted(h.key, Source::Static, h.node_id, Some(addr.to_string()))
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "static peer probe failed"),
+            }
+        }
+        let approvals = self.peers.approvals();
+        for p in &approvals.file.peers {
+            let Some(endpoint) = self.peers.endpoint_of(&p.public_key) else {
+                continue;
+            };
+            let mut status = self.peers.status(&p.public_key);
+            let result = match endpoint.parse::<SocketAddr>() {
+                Ok(addr) => self.client.hello(addr, Some(&p.public_key)).await,
+                Err(_) => Err(HelloError::Unreachable(format!(
+                    "bad endpoint `{endpoint}`"
+                ))),
+            };
+            match result {
+                Ok(h) => {
+                    status.reachable = true;
+                    status.last_hello = Some(now_rfc3339());
+                    status.latency_ms = Some(h.latency.as_secs_f64() * 1000.0);
+                    status.models = h.models;
+                    status.error = (!h.approved_us).then(|| HelloError::NotApproved.to_string());
+                }
+                Err(e) => {
+                    status.reachable = false;
+                    status.error = Some(e.to_string());
+                }
+            }
+            self.peers.set_status(p.public_key, status);
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The peer table: every node this one knows of, approved or not, and the approvals that decide
+//! what each may do.
+//!
+//! Writers: the admin API (approve, revoke, change permissions), the file watcher (hand edits of
+//! `approved_peers.json`), and sightings (discovery sources, connect attempts, hello results).
+//! Readers get immutable [`Approvals`] snapshots; the mesh authorizes against a snapshot and
+//! never blocks on a writer. Discovery only reports sightings here; it never grants anything.
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::identity::PublicKey;
+use crate::timefmt::rfc3339;
+use store::{ApprovedPeer, ApprovedPeers, Permissions, StoreError};
+
+/// An immutable view of the approvals, as last read or written.
+#[derive(Debug, Default)]
+pub struct Approvals {
+    /// The file's content.
+    pub file: ApprovedPeers,
+}
+
+impl Approvals {
+    /// The approved peer holding `key`.
+    pub fn get(&self, key: &PublicKey) -> Option<&ApprovedPeer> {
+        self.file.by_key(key)
+    }
+}
+
+/// How a node was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// It connected to our mesh listener.
+    Connect,
+    /// Configured or given on the command line / approve body.
+    Static,
+    /// mDNS on the LAN.
+    Mdns,
+    /// A WireGuard peer.
+    Wireguard,
+    /// The public registry.
+    Registry,
+}
+
+/// Where a peer stands with us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Seen, not approved.
+    Pending,
+    /// In `approved_peers.json`.
+    Approved,
+    /// Was approved, then revoked.
+    Revoked,
+}
+
+/// A node seen by some source.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sighting {
+    /// Its key (verified by TLS for `connect` and hello sightings).
+    pub public_key: String,
+    /// The node id it claimed.
+    pub node_id: Option<String>,
+    /// Where it was seen (`ip:port`).
+    pub endpoint: Option<String>,
+    /// How it was seen.
+    pub sources: Vec<Source>,
+    /// RFC 3339.
+    pub first_seen: String,
+    /// RFC 3339.
+    pub last_seen: String,
+    /// Pending, approved or revoked.
+    pub state: PeerState,
+}
+
+/// What the last hello to an approved peer found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerStatus {
+    /// Answered the last hello.
+    pub reachable: bool,
+    /// RFC 3339 time of the last successful hello.
+    pub last_hello: Option<String>,
+    /// Round trip of the last hello, in milliseconds.
+    pub latency_ms: Option<f64>,
+    /// Models the peer shares with us, with its free slots for us.
+    pub models: Vec<serde_json::Value>,
+    /// Last error talking to it.
+    pub error: Option<String>,
+}
+
+/// Live state of one approved peer on this node: its concurrency grant and its revocation
+/// signal, which in-flight streams watch.
+pub struct PeerRuntime {
+    grant: u32,
+    slots: Arc<Semaphore>,
+    revoked: watch::Sender<bool>,
+}
+
+impl PeerRuntime {
+    fn new(grant: u32) -> Self {
+        PeerRuntime {
+            grant,
+            slots: Arc::new(Semaphore::new(grant as usize)),
+            revoked: watch::Sender::new(false),
+        }
+    }
+
+    /// One of the peer's concurrency slots, or `None` when it is at its grant.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Requests of this peer in flight here.
+    pub fn in_flight(&self) -> usize {
+        self.grant as usize - self.slots.available_permits()
+    }
+
+    /// The peer's grant.
+    pub fn grant(&self) -> u32 {
+        self.grant
+    }
+
+    /// Flips to `true` when the peer is revoked or its grant changes.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.revoked.subscribe()
+    }
+}
+
+/// Why an approval change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The approvals file does not parse; changing it through the API would overwrite the
+    /// owner's hand edit.
+    #[error("{0}; fix or remove the file before changing approvals through the API")]
+    FileCorrupt(StoreError),
+    /// Writing failed; nothing changed.
+    #[error("{0}")]
+    Write(StoreError),
+    /// No approved peer matches.
+    #[error("no approved peer matches {0}")]
+    NotFound(String),
+    /// The request conflicts with another approval.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The table.
+pub struct PeerTable {
+    path: PathBuf,
+    approvals: watch::Sender<Arc<Approvals>>,
+    /// Serializes changes: read file, change, write, publish.
+    change: tokio::sync::Mutex<()>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    file_error: Option<String>,
+    file_stamp: Option<FileStamp>,
+    sightings: HashMap<PublicKey, SightingEntry>,
+    runtime: HashMap<PublicKey, Arc<PeerRuntime>>,
+    revoked: HashMap<PublicKey, String>,
+    status: HashMap<PublicKey, PeerStatus>,
+}
+
+struct SightingEntry {
+    node_id: Option<String>,
+    endpoint: Option<String>,
+    sources: Vec<Source>,
+    first_seen: SystemTime,
+    last_seen: SystemTime,
+    last_seen_at: Instant,
+}
+
+/// What identifies a version of the file on disk, to notice hand edits cheaply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+/// Sightings not refreshed for this long are dropped (approved peers stay, as approvals).
+const SIGHTING_TTL: Duration = Duration::from_secs(600);
+
+impl PeerTable {
+    /// Loads `<data_dir>/approved_peers.json`. A corrupt file does not stop the node: it starts
+    /// with no approvals and reports the file (log, `/peers/status`, metric).
+    pub fn open(data_dir: &Path) -> Self {
+        let path = data_dir.join(store::FILE_NAME);
+        let table = PeerTable {
+            approvals: watch::Sender::new(Arc::new(Approvals::default())),
+            change: tokio::sync::Mutex::new(()),
+            inner: Mutex::new(Inner::default()),
+            path,
+        };
+        table.reload_if_changed();
+        table
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current approvals.
+    pub fn approvals(&self) -> Arc<Approvals> {
+        self.approvals.borrow().clone()
+    }
+
+    /// Why the file on disk is not in force, if it is not.
+    pub fn file_error(&self) -> Option<String> {
+        self.lock().file_error.clone()
+    }
+
+    /// Live state (slots, stop signal) of an approved peer.
+    pub fn runtime(&self, key: &PublicKey) -> Option<Arc<PeerRuntime>> {
+        self.lock().runtime.get(key).cloned()
+    }
+
+    /// Re-reads the file when it changed on disk (hand edit). Returns whether approvals changed.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = stamp(&self.path);
+        if self.lock().file_stamp == now && now.is_some() {
+            return false;
+        }
+        match ApprovedPeers::load(&self.path) {
+            Ok(file) => {
+                let changed = file != self.approvals().file;
+                {
+                    let mut inner = self.lock();
+                    if inner.file_error.take().is_some() {
+                        tracing::info!(path = %self.path.display(), "approvals file is valid again");
+                    }
+                    inner.file_stamp = now;
+                }
+                if changed {
+                    self.publish(file);
+                }
+                changed
+            }
+            Err(e) => {
+                let mut inner = self.lock();
+                if inner.file_stamp != now || inner.file_error.is_none() {
+                    tracing::error!(error = %e, "approvals file is corrupt; the last good approvals stay in force");
+                }
+                inner.file_error = Some(e.to_string());
+                inner.file_stamp = now;
+                false
+            }
+        }
+    }
+
+    /// Approves (or re-approves with new data) a peer. Durable when this returns `Ok`.
+    pub async fn approve(&self, mut peer: ApprovedPeer) -> Result<ApprovedPeer, ChangeError> {
+        self.change(|file| {
+            if let Some(other) = file.by_node_id(&peer.node_id) {
+                if other.public_key != peer.public_key {
+                    return Err(ChangeError::Conflict(format!(
+                        "node_id `{}` is already approved with another public key; revoke it first",
+                        peer.node_id
+                    )));
+                }
+            }
+            if peer.approved_at.is_empty() {
+                peer.approved_at = crate::timefmt::now_rfc3339();
+            }
+            match file
+                .peers
+                .iter_mut()
+                .find(|p| p.public_key == peer.public_key)
+            {
+                Some(existing) => {
+                    let extra = std::mem::take(&mut existing.extra);
+                    *existing = ApprovedPeer {
+                        extra,
+                        ..peer.clone()
+                    };
+                }
+                None => file.peers.push(peer.clone()),
+            }
+            Ok(peer.clone())
+        })
+        .await
+    }
+
+    /// Revokes the peer matching `selector` (node id or key). Its in-flight requests are told
+    /// to stop at once.
+    pub async fn revoke(&self, selector: &Selector) -> Result<ApprovedPeer, ChangeError> {
+        let removed = self
+            .change(|file| {
+                let i = file
+                    .peers
+                    .iter()
+                    .position(|p| selector.matches(p))
+                    .ok_or_else(|| ChangeError::NotFound(selector.to_string()))?;
+                Ok(file.peers.remove(i))
+            })
+            .await?;
+        self.lock()
+            .revoked
+            .insert(removed.public_key, crate::timefmt::now_rfc3339());
+        Ok(removed)
+    }
+
+    /// Changes a peer's permissions with `edit`.
+    pub async fn update(
+        &self,
+        selector: &Selector,
+        edit: impl FnOnce(&mut Permissions),
+    ) -> Result<ApprovedPeer, ChangeError> {
+        self.change(|file| {
+            let p = file
+                .peers
+                .iter_mut()
+                .find(|p| selector.matches(p))
+                .ok_or_else(|| ChangeError::NotFound(selector.to_string()))?;
+            edit(&mut p.permissions);
+            Ok(p.clone())
+        })
+        .await
+    }
+
+    /// Read the file fresh, apply `f`, write it, publish. The file on disk is the truth: a hand
+    /// edit made since our last read is the base of the change, never overwritten by it.
+    async fn change<T>(
+        &self,
+        f: impl FnOnce(&mut ApprovedPeers) -> Result<T, ChangeError>,
+    ) -> Result<T, ChangeError> {
+        let _serial = self.change.lock().await;
+        let mut file = ApprovedPeers::load(&self.path).map_err(ChangeError::FileCorrupt)?;
+        let out = f(&mut file)?;
+        file.save(&self.path).map_err(ChangeError::Write)?;
+        {
+            let mut inner = self.lock();
+            inner.file_stamp = stamp(&self.path);
+            inner.file_error = None;
+        }
+        self.publish(file);
+        Ok(out)
+    }
+
+    /// Installs new approvals: runtimes of removed peers or changed grants are stopped.
+    fn publish(&self, file: ApprovedPeers) {
+        let mut inner = self.lock();
+        let mut runtime = HashMap::with_capacity(file.peers.len());
+        for p in &file.peers {
+            let grant = p.permissions.max_concurrent_requests;
+            let keep = inner
+                .runtime
+                .remove(&p.public_key)
+                .filter(|r| r.grant == grant && p.permissions.can_request_inference);
+            runtime.insert(
+                p.public_key,
+                keep.unwrap_or_else(|| Arc::new(PeerRuntime::new(grant))),
+            );
+            inner.revoked.remove(&p.public_key);
+        }
+        for (key, old) in inner.runtime.drain() {
+            // Revoked (or grant changed): in-flight streams of that peer end now.
+            old.revoked.send_replace(true);
+            if !file.peers.iter().any(|p| p.public_key == key) {
+                tracing::info!(public_key = %key, "peer revoked; its in-flight requests are ended");
+            }
+        }
+        inner.runtime = runtime;
+        drop(inner);
+        self.approvals.send_replace(Arc::new(Approvals { file }));
+    }
+
+    /// Records that `key` was seen by `source`.
+    pub fn sighted(
+        &self,
+        key: PublicKey,
+        source: Source,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+    ) {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        let e = inner.sightings.entry(key).or_insert_with(|| SightingEntry {
+            node_id: None,
+            endpoint: None,
+            sources: Vec::new(),
+            first_seen: now,
+            last_seen: now,
+            last_seen_at: Instant::now(),
+        });
+        if node_id.is_some() {
+            e.node_id = node_id;
+        }
+        if endpoint.is_some() {
+            e.endpoint = endpoint;
+        }
+        if !e.sources.contains(&source) {
+            e.sources.push(source);
+        }
+        e.last_seen = now;
+        e.last_seen_at = Instant::now();
+    }
+
+    /// Every node seen or approved, with its state.
+    pub fn discovered(&self) -> Vec<Sighting> {
+        let approvals = self.approvals();
+        let mut inner = self.lock();
+        inner
+            .sightings
+            .retain(|k, e| e.last_seen_at.elapsed() < SIGHTING_TTL || approvals.get(k).is_some());
+        let mut out: Vec<Sighting> = inner
+            .sightings
+            .iter()
+            .map(|(key, e)| {
+                let approved = approvals.get(key);
+                Sighting {
+                    public_key: key.to_string(),
+                    node_id: approved
+                        .map(|p| p.node_id.clone())
+                        .or_else(|| e.node_id.clone()),
+                    endpoint: e
+                        .endpoint
+                        .clone()
+                        .or_else(|| approved.and_then(|p| p.endpoint.clone())),
+                    sources: e.sources.clone(),
+                    first_seen: rfc3339(e.first_seen),
+                    last_seen: rfc3339(e.last_seen),
+                    state: state_of(approved.is_some(), inner.revoked.contains_key(key)),
+                }
+            })
+            .collect();
+        for p in &approvals.file.peers {
+            if !inner.sightings.contains_key(&p.public_key) {
+                out.push(Sighting {
+                    public_key: p.public_key.to_string(),
+                    node_id: Some(p.node_id.clone()),
+                    endpoint: p.endpoint.clone(),
+                    sources: Vec::new(),
+                    first_seen: p.approved_at.clone(),
+                    last_seen: p.approved_at.clone(),
+                    state: PeerState::Approved,
+                });
+            }
+        }
+        out.sort_by(|a, b| {
+            a.node_id
+                .cmp(&b.node_id)
+                .then(a.public_key.cmp(&b.public_key))
+        });
+        out
+    }
+
+    /// Seen but not approved.
+    pub fn pending(&self) -> Vec<Sighting> {
+        self.discovered()
+            .into_iter()
+            .filter(|s| s.state != PeerState::Approved)
+            .collect()
+    }
+
+    /// Stores what the last hello to `key` found.
+    pub fn set_status(&self, key: PublicKey, status: PeerStatus) {
+        self.lock().status.insert(key, status);
+    }
+
+    /// What the last hello to `key` found.
+    pub fn status(&self, key: &PublicKey) -> PeerStatus {
+        self.lock().status.get(key).cloned().unwrap_or_default()
+    }
+
+    /// The endpoint to reach `key` at: approval first, then the latest sighting.
+    pub fn endpoint_of(&self, key: &PublicKey) -> Option<String> {
+        let approved = self.approvals().get(key).and_then(|p| p.endpoint.clone());
+        approved.or_else(|| {
+            self.lock()
+                .sightings
+                .get(key)
+                .and_then(|e| e.endpoint.clone())
+        })
+    }
+}
+
+fn state_of(approved: bool, revoked: bool) -> PeerState {
+    match (approved, revoked) {
+        (true, _) => PeerState::Approved,
+        (false, true) => PeerState::Revoked,
+        (false, false) => PeerState::Pending,
+    }
+}
+
+/// Names an approved peer by node id or by key.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// By node id.
+    NodeId(String),
+    /// By key.
+    Key(PublicKey),
+}
+
+impl Selector {
+    fn matches(&self, p: &ApprovedPeer) -> bool {
+        match self {
+            Selector::NodeId(id) => p.node_id == *id,
+            Selector::Key(k) => p.public_key == *k,
+        }
+    }
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::NodeId(id) => write!(f, "node_id `{id}`"),
+            Selector::Key(k) => write!(f, "public_key `{k}`"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: &str, byte: u8, grant: u32) -> ApprovedPeer {
+        ApprovedPeer {
+            node_id: id.into(),
+            public_key: PublicKey::from_bytes([byte; 32]),
+            name: String::new(),
+            approved_at: String::new(),
+            permissions: Permissions {
+                models_shared: vec!["m".into()],
+                max_concurrent_requests: grant,
+                ..Permissions::default()
+            },
+            endpoint: None,
+            extra: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn approve_is_durable_and_revoke_stops_in_flight_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = PeerTable::open(dir.path());
+        table.approve(peer("a", 1, 2)).await.expect("approve");
+        let key = PublicKey::from_bytes([1; 32]);
+        let reread = ApprovedPeers::load(table.path()).expect("file written");
+        assert_eq!(reread.peers.len(), 1);
+        let rt = table.runtime(&key).expect("runtime");
+        let _slot = rt.try_slot().expect("slot");
+        let mut stop = rt.stop_signal();
+        table
+            .revoke(&Selector::NodeId("a".into()))
+            .await
+            .expect("revoke");
+        assert!(
+            *stop.borrow_and_update(),
+            "revocation reaches in-flight requests"
+        );
+        assert!(table.approvals().get(&key).is_none());
+        assert!(table.runtime(&key).is_none());
+        assert_eq!(
+            table.discovered().len(),
+            0,
+            "revoked without sighting is not listed"
+        );
+    }
+
+    #[tokio::test]
+    async fn grants_limit_concurrency() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = PeerTable::open(dir.path());
+        table.approve(peer("a", 1, 2)).await.expect("approve");
+        let rt = table
+            .runtime(&PublicKey::from_bytes([1; 32]))
+            .expect("runtime");
+        let a = rt.try_slot();
+        let b = rt.try_slot();
+        assert!(a.is_some() && b.is_some());
+        assert!(
+            rt.try_slot().is_none(),
+            "third request exceeds the grant of 2"
+        );
+        drop(a);
+        assert!(rt.try_slot().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_keeps_the_last_good_approvals_and_blocks_api_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = PeerTable::open(dir.path());
+        table.approve(peer("a", 1, 2)).await.expect("approve");
+        std::fs::write(table.path(), "{ \"peers\": [ {").expect("corrupt it");
+        assert!(!table.reload_if_changed());
+        assert!(table.file_error().is_some_and(|e| e.contains(":1:")));
+        assert!(
+            table
+                .approvals()
+                .get(&PublicKey::from_bytes([1; 32]))
+                .is_some(),
+            "last good stays"
+        );
+        let err = table
+            .approve(peer("b", 2, 1))
+            .await
+            .expect_err("must refuse");
+        assert!(matches!(err, ChangeError::FileCorrupt(_)));
+        assert_eq!(
+            std::fs::read_to_string(table.path()).expect("read"),
+            "{ \"peers\": [ {",
+            "never replaced"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hand_edit_is_picked_up_and_is_the_base_of_the_next_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = PeerTable::open(dir.path());
+        table.approve(peer("a", 1, 2)).await.expect("approve");
+        let mut file = ApprovedPeers::load(table.path()).expect("load");
+        file.peers.push(peer("hand", 3, 1));
+        std::thread::sleep(Duration::from_millis(10));
+        std::fs::write(table.path(), serde_json::to_string(&file).expect("json")).expect("edit");
+        assert!(table.reload_if_changed());
+        assert!(table
+            .approvals()
+            .get(&PublicKey::from_bytes([3; 32]))
+            .is_some());
+        table.approve(peer("c", 4, 1)).await.expect("approve");
+        let ids: Vec<String> = ApprovedPeers::load(table.path())
+            .expect("load")
+            .peers
+            .into_iter()
+            .map(|p| p.node_id)
+            .collect();
+        assert_eq!(ids, ["a", "hand", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_node_id_cannot_be_taken_by_another_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = PeerTable::open(dir.path());
+        table.approve(peer("a", 1, 2)).await.expect("approve");
+        let err = table
+            .approve(peer("a", 9, 2))
+            .await
+            .expect_err("spoofed node id");
+        assert!(matches!(err, ChangeError::Conflict(_)));
+    }
+}

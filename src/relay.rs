@@ -1,0 +1,372 @@
+//! Serving a model request with this node's own backends: rank them, take a slot, send, and
+//! relay the response chunk by chunk. Used by the API listener for local clients and by the
+//! mesh listener for approved peers; it never sends anything to another node (no open relay).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, Snapshot};
+use crate::error::{ApiError, Dialect};
+use crate::metrics::Metrics;
+use crate::routing::{self, BackendView, NoRoute};
+use crate::session::{reply_error, Outcome};
+use crate::upstream::{Backend, SendError, Upstream, UpstreamResponse};
+
+/// A miss in the catalog triggers a refresh unless the last one is younger than this: a model
+/// pulled a moment ago should work at once, a flood of unknown names must not hammer backends.
+const MISS_REFRESH_MIN_AGE: Duration = Duration::from_secs(2);
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1), plus the ones
+/// this hop recomputes.
+const NOT_FORWARDED: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "expect",
+];
+
+/// A model request ready to be served: the body is read and the model known.
+pub struct ModelRequest<'a> {
+    /// Dialect of the route (error shapes).
+    pub dialect: Dialect,
+    /// Prefix-stripped path.
+    pub path: &'a str,
+    /// The model named in the body.
+    pub model: &'a str,
+    /// The whole request body.
+    pub body: Bytes,
+    /// When the request header arrived.
+    pub started: Instant,
+    /// Headers from the client that may go to the backend: all of them for the owner's own
+    /// clients; none for peers (their requests carry no identity of theirs past this node).
+    pub forward_client_headers: bool,
+    /// Flips to `true` when the request must end now (its peer was revoked).
+    pub stop: Option<watch::Receiver<bool>>,
+}
+
+/// The node's own backends and what is needed to serve them.
+pub struct LocalRelay {
+    backends: Arc<Vec<Backend>>,
+    upstream: Arc<Upstream>,
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalRelay {
+    /// Assembles the relay.
+    pub fn new(
+        backends: Arc<Vec<Backend>>,
+        upstream: Arc<Upstream>,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        LocalRelay {
+            backends,
+            upstream,
+            catalog,
+            metrics,
+        }
+    }
+
+    /// The backends.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The model catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The pooled client.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Free slots of the backends that list `model` (0 when none lists it).
+    pub fn free_slots(&self, model: &str) -> usize {
+        let snapshot = self.catalog.snapshot();
+        self.backends
+            .iter()
+            .zip(&snapshot.backends)
+            .filter(|(_, m)| {
+                m.models
+                    .iter()
+                    .flatten()
+                    .any(|l| routing::model_matches(&l.name, model))
+            })
+            .map(|(b, _)| b.config.max_concurrent - b.in_flight())
+            .sum()
+    }
+
+    /// Serves `req` with a local backend, or answers why not.
+    pub async fn serve(&self, s: &mut ServerSession, mut req: ModelRequest<'_>) -> Outcome {
+        let dialect = req.dialect;
+        let order = match self.ranked(req.model, dialect).await {
+            Ok(order) => order,
+            Err(no_route) => {
+                let e = self.no_route_error(req.model, no_route);
+                return reply_error(s, dialect, &e).await;
+            }
+        };
+        let mut busy = false;
+        let mut last_failure = None;
+        for i in order {
+            let backend = &self.backends[i];
+            let Some(permit) = backend.try_slot() else {
+                busy = true;
+                continue;
+            };
+            let gauge = self
+                .metrics
+                .backend_in_flight
+                .with_label_values(&[&backend.config.name]);
+            gauge.set(backend.in_flight() as i64);
+            let header = match upstream_request(s.req_header(), backend, &req) {
+                Ok(h) => h,
+                Err(e) => return reply_error(s, dialect, &e).await,
+            };
+            let sent = self.upstream.send(backend.peer(), &header, &req.body).await;
+            let outcome = match sent {
+                Ok(rsp) => Some(self.relay(s, rsp, req.stop.take()).await),
+                Err(SendError::Timeout { .. }) => {
+                    let e = ApiError::timeout(format!(
+                        "backend \"{}\" sent no response in time",
+                        backend.config.name
+                    ));
+                    Some(reply_error(s, dialect, &e).await)
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %backend.config.name, error = %e, "backend failed before responding");
+                    if matches!(e, SendError::Connect { .. }) {
+                        self.metrics
+                            .upstream_connect_errors
+                            .with_label_values(&[&backend.config.name])
+                            .inc();
+                    }
+                    last_failure = Some(format!("backend \"{}\": {e}", backend.config.name));
+                    None
+                }
+            };
+            drop(permit);
+            gauge.set(backend.in_flight() as i64);
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+        }
+        let e = match last_failure {
+            Some(detail) => ApiError::backend_unreachable(detail),
+            None if busy => ApiError::busy(req.model),
+            None => ApiError::model_not_found(req.model),
+        };
+        reply_error(s, dialect, &e).await
+    }
+
+    async fn ranked(&self, model: &str, dialect: Dialect) -> Result<Vec<usize>, NoRoute> {
+        let ranked = self.rank(model, dialect, &self.catalog.snapshot());
+        if ranked != Err(NoRoute::UnknownModel) {
+            return ranked;
+        }
+        let fresh = self.catalog.refresh_if_older(MISS_REFRESH_MIN_AGE).await;
+        self.rank(model, dialect, &fresh)
+    }
+
+    fn rank(
+        &self,
+        model: &str,
+        dialect: Dialect,
+        snapshot: &Snapshot,
+    ) -> Result<Vec<usize>, NoRoute> {
+        let views: Vec<BackendView<'_>> = self
+            .backends
+            .iter()
+            .zip(&snapshot.backends)
+            .map(|(b, m)| BackendView {
+                kind: b.config.kind,
+                models: m.models.as_deref(),
+                in_flight: b.in_flight(),
+                capacity: b.config.max_concurrent,
+            })
+            .collect();
+        routing::rank(model, dialect, &views)
+    }
+
+    fn no_route_error(&self, model: &str, no_route: NoRoute) -> ApiError {
+        match no_route {
+            NoRoute::UnknownModel => ApiError::model_not_found(model),
+            NoRoute::OtherDialect(i) => ApiError {
+                message: format!(
+                    "model \"{model}\" is served by the OpenAI-compatible backend \"{}\"; call it through /v1/*",
+                    self.backends[i].config.name
+                ),
+                ..ApiError::model_not_found(model)
+            },
+        }
+    }
+
+    /// Relays a backend response to the client as it arrives, until it ends, the client
+    /// leaves, the backend breaks, or `stop` flips.
+    async fn relay(
+        &self,
+        s: &mut ServerSession,
+        mut rsp: UpstreamResponse,
+        mut stop: Option<watch::Receiver<bool>>,
+    ) -> Outcome {
+        let status = rsp.header().status.as_u16();
+        let stream_dialect = stream_dialect(rsp.header());
+        let header = downstream_response(rsp.header());
+        let chunked = !header.headers.contains_key(header::CONTENT_LENGTH);
+        let mut outcome = Outcome {
+            status,
+            model: None,
+            first_byte: None,
+            reusable: false,
+        };
+        if s.write_response_header(Box::new(header)).await.is_err() {
+            return outcome;
+        }
+        outcome.first_byte = Some(Instant::now());
+        loop {
+            let next = tokio::select! {
+                next = rsp.next_chunk() => next,
+                () = stopped(&mut stop) => {
+                    end_with_error(s, stream_dialect, chunked, "access to this node was revoked").await;
+                    return outcome;
+                }
+            };
+            match next {
+                Ok(Some(chunk)) => {
+                    if s.write_response_body(chunk, false).await.is_err() {
+                        // The client left; dropping `rsp` closes the backend connection, which
+                        // makes the backend stop generating.
+                        tracing::debug!("client went away mid-response");
+                        return outcome;
+                    }
+                }
+                Ok(None) => {
+                    outcome.reusable = s.write_response_body(Bytes::new(), true).await.is_ok();
+                    self.upstream.release(rsp).await;
+                    return outcome;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "backend stream broke mid-response");
+                    let why = format!("the backend stopped mid-response: {e}");
+                    end_with_error(s, stream_dialect, chunked, &why).await;
+                    return outcome;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when `stop` flips to true; never when there is no stop signal.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        Some(rx) => {
+            if rx.wait_for(|s| *s).await.is_err() {
+                // The sender is gone with its peer entry: that is a stop too.
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Ends a response already under way: a last error event when it is a stream in a known
+/// dialect, then the end of the chunked body. Unframed bodies are just cut.
+async fn end_with_error(s: &mut ServerSession, dialect: Option<Dialect>, chunked: bool, why: &str) {
+    if let (Some(d), true) = (dialect, chunked) {
+        let event = ApiError::backend_unreachable(why).stream_event(d);
+        let _ = s.write_response_body(event, false).await;
+        let _ = s.write_response_body(Bytes::new(), true).await;
+    }
+}
+
+/// The request sent to a local backend: the client's headers minus hop-by-hop ones (or none,
+/// for peers), with the backend's `Host`, the exact body length and, when configured, the
+/// backend's API key.
+fn upstream_request(
+    client: &RequestHeader,
+    backend: &Backend,
+    req: &ModelRequest<'_>,
+) -> Result<RequestHeader, ApiError> {
+    let path_and_query = match client.uri.query() {
+        Some(q) => format!("{}?{q}", req.path),
+        None => req.path.to_string(),
+    };
+    let target = backend.upstream_path(&path_and_query);
+    let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
+    let mut h = RequestHeader::build(
+        client.method.clone(),
+        target.as_bytes(),
+        Some(client.headers.len() + 3),
+    )
+    .map_err(internal)?;
+    let api_key = backend.config.api_key.as_ref();
+    if req.forward_client_headers {
+        for (name, value) in client.headers.iter() {
+            // Identity encoding upstream: the relay may need to read the stream it forwards.
+            if NOT_FORWARDED.contains(&name.as_str())
+                || name == header::ACCEPT_ENCODING
+                || (api_key.is_some() && name == header::AUTHORIZATION)
+            {
+                continue;
+            }
+            h.append_header(name.clone(), value.clone())
+                .map_err(internal)?;
+        }
+    } else {
+        h.insert_header(header::CONTENT_TYPE, "application/json")
+            .map_err(internal)?;
+    }
+    h.insert_header(header::HOST, backend.config.url.authority.as_str())
+        .map_err(internal)?;
+    h.insert_header(header::CONTENT_LENGTH, req.body.len().to_string())
+        .map_err(internal)?;
+    if let Some(key) = api_key {
+        h.insert_header(header::AUTHORIZATION, format!("Bearer {}", key.0))
+            .map_err(internal)?;
+    }
+    Ok(h)
+}
+
+/// The response header sent to the client: the backend's, minus hop-by-hop headers, chunked
+/// when the backend gave no length.
+fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
+    let mut h = ResponseHeader::build_no_case(up.status, Some(up.headers.len() + 1))
+        .expect("invariant: a status the backend sent is valid");
+    for (name, value) in up.headers.iter() {
+        if !NOT_FORWARDED.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
+            let _ = h.append_header(name.clone(), value.clone());
+        }
+    }
+    if !h.headers.contains_key(header::CONTENT_LENGTH) {
+        let _ = h.insert_header(header::TRANSFER_ENCODING, "chunked");
+    }
+    h
+}
+
+/// The stream framing of a response, if it is a stream: SSE or NDJSON.
+fn stream_dialect(h: &ResponseHeader) -> Option<Dialect> {
+    let ct = h.headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    if ct.starts_with("text/event-stream") {
+        Some(Dialect::OpenAi)
+    } else if ct.starts_with("application/x-ndjson") {
+        Some(Dialect::Ollama)
+    } else {
+        None
+    }
+}

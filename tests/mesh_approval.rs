@@ -1,0 +1,132 @@
+//! Two nodes serve each other's inference over mutual TLS, only after approval and only within
+//! the permissions granted; revocation is immediate.
+
+mod support;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde_json::json;
+use support::fake_backend::{FakeBackend, FakeConfig};
+use support::grid::{assert_eventually, loopback_ip, BackendSpec, NodeProc, NodeSpec};
+use support::mesh::{self, As};
+
+fn node_with_backend(models: &[&str]) -> (FakeBackend, NodeProc) {
+    let backend = FakeBackend::start_in_thread(IpAddr::V4(loopback_ip()), FakeConfig::both(models));
+    let node = NodeProc::start(&NodeSpec::with_backend(BackendSpec::ollama(backend.url())));
+    (backend, node)
+}
+
+fn chat(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": false})
+        .to_string()
+}
+
+#[test]
+fn approved_peer_runs_shared_models_and_nothing_else() {
+    let (backend_a, a) = node_with_backend(&["llama3.1:8b", "qwen3.5:35b"]);
+    let (_backend_b, b) = node_with_backend(&["mistral"]);
+    let as_b = As::node(&b);
+
+    let (status, body) = mesh::call(
+        a.mesh,
+        as_b.as_ref(),
+        "POST",
+        "/api/chat",
+        Some(&chat("llama3.1:8b")),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("peer_not_approved"), "{body}");
+    assert_eventually(Duration::from_secs(5), "b listed as pending on a", || {
+        a.get("/peers/pending").json()["peers"]
+            .as_array()
+            .is_some_and(|p| {
+                p.iter()
+                    .any(|s| s["public_key"] == b.public_key().as_str() && s["state"] == "pending")
+            })
+    });
+    assert_eq!(backend_a.hits(), 0);
+
+    a.approve(&b, &["llama3.1:8b"], 2);
+    let (status, body) = mesh::call(
+        a.mesh,
+        as_b.as_ref(),
+        "POST",
+        "/api/chat",
+        Some(&chat("llama3.1:8b")),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(backend_a.hits(), 1);
+
+    let (status, body) = mesh::call(
+        a.mesh,
+        as_b.as_ref(),
+        "POST",
+        "/api/chat",
+        Some(&chat("qwen3.5:35b")),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not shared with you"), "{body}");
+
+    let (status, body) = mesh::call(a.mesh, as_b.as_ref(), "GET", "/api/tags", None);
+    assert_eq!(status, 200);
+    let tags: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["llama3.1:8b"],
+        "a peer sees only what is shared with it"
+    );
+
+    let (status, body) = mesh::call(a.mesh, as_b.as_ref(), "GET", "/mesh/v1/hello", None);
+    assert_eq!(status, 200, "{body}");
+    let hello: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(hello["public_key"], a.public_key().as_str());
+    assert_eq!(hello["models"][0]["name"], "llama3.1:8b");
+    assert_eq!(hello["models"][0]["free_slots"], 2);
+
+    a.revoke(&b);
+    let (status, _) = mesh::call(
+        a.mesh,
+        as_b.as_ref(),
+        "POST",
+        "/api/chat",
+        Some(&chat("llama3.1:8b")),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(
+        backend_a.hits(),
+        1,
+        "nothing after the revocation reached the backend"
+    );
+}
+
+#[test]
+fn peer_status_shows_reachability_latency_and_shared_models() {
+    let (_ba, a) = node_with_backend(&["llama3.1:8b"]);
+    let (_bb, b) = node_with_backend(&["mistral", "phi"]);
+    a.approve(&b, &["llama3.1:8b"], 1);
+    b.approve(&a, &["mistral"], 3);
+    assert_eventually(
+        Duration::from_secs(10),
+        "a sees b reachable with mistral",
+        || {
+            let st = a.get("/peers/status").json();
+            let p = &st["peers"][0];
+            p["reachable"] == true && p["models_shared_with_us"][0]["name"] == "mistral"
+        },
+    );
+    let st = a.get("/peers/status").json();
+    assert!(
+        st["peers"][0]["latency_ms"]
+            .as_f64()
+            .is_some_and(|l| l > 0.0),
+        "{st}"
+    );
+    assert_eq!(st["peers"][0]["models_shared_with_us"][0]["free_slots"], 3);
+}
