@@ -130,3 +130,53 @@ fn peer_status_shows_reachability_latency_and_shared_models() {
     );
     assert_eq!(st["peers"][0]["models_shared_with_us"][0]["free_slots"], 3);
 }
+
+#[test]
+fn revoking_a_peer_ends_its_stream_within_a_second() {
+    let backend = FakeBackend::start_in_thread(
+        IpAddr::V4(loopback_ip()),
+        FakeConfig::both(&["llama3.1:8b"])
+            .chunks(100)
+            .chunk_delay(Duration::from_millis(50)),
+    );
+    let a = NodeProc::start(&NodeSpec::with_backend(BackendSpec::ollama(backend.url())));
+    let b = NodeProc::start(&NodeSpec::with_backend(BackendSpec::ollama(
+        "http://127.0.0.1:9",
+    )));
+    a.approve(&b, &["llama3.1:8b"], 1);
+    let as_b = As::node(&b);
+    let mesh_addr = a.mesh;
+    let stream = std::thread::spawn(move || {
+        let body = json!({"model": "llama3.1:8b", "prompt": "long story"}).to_string();
+        let out = mesh::call(
+            mesh_addr,
+            as_b.as_ref(),
+            "POST",
+            "/api/generate",
+            Some(&body),
+        );
+        (out, std::time::Instant::now())
+    });
+    assert_eventually(Duration::from_secs(5), "stream in flight", || {
+        backend.in_flight() == 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let revoked_at = std::time::Instant::now();
+    a.revoke(&b);
+    let ((status, body), ended_at) = stream.join().expect("stream thread");
+    let took = ended_at.duration_since(revoked_at);
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_secs(1),
+        "stream ended {took:?} after the revocation"
+    );
+    let last = body.lines().last().expect("lines");
+    assert!(
+        last.contains("\"error\"") && last.contains("revoked"),
+        "last line: {last}"
+    );
+    assert!(body.lines().count() < 100, "the stream was cut short");
+    assert_eventually(Duration::from_secs(2), "backend released", || {
+        backend.in_flight() == 0
+    });
+}
