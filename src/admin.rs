@@ -11,6 +11,7 @@
 //! | POST | `/peers/revoke` | `{"node_id"}` or `{"public_key"}` |
 //! | PATCH | `/peers/{node_id or key}` | merge `{"permissions":{...}}` into the peer's |
 //! | PUT | `/peers/{node_id or key}` | replace the peer's permissions |
+//! | GET | `/audit?limit=N` | the last N audit entries (default 100, at most 1000) |
 //!
 //! Mutations are accepted from loopback when no forwarding header is present (a local `curl`);
 //! anything else (through Nginx, from the LAN) needs `Authorization: Bearer <admin.token>`.
@@ -57,6 +58,8 @@ pub struct AdminState {
     pub node: NodeInfo,
     /// Bearer token for non-local mutations.
     pub token: String,
+    /// The audit log, for `/audit`.
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 /// The admin API as mounted on the API listener.
@@ -139,6 +142,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/peers/approve", post(approve))
         .route("/peers/revoke", post(revoke))
         .route("/peers/{id}", patch(patch_peer).put(put_peer))
+        .route("/audit", get(audit))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -238,6 +242,20 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
             "error": state.peers.file_error(),
         },
     }))
+}
+
+/// `GET /audit` query.
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Json<Value> {
+    let limit = q.limit.unwrap_or(100).min(1000);
+    Json(json!({ "entries": state.audit.recent(limit) }))
 }
 
 async fn approved(State(state): State<Arc<AdminState>>) -> Json<Value> {
@@ -494,6 +512,7 @@ mod tests {
                 public_key: PublicKey::from_bytes([0; 32]),
             },
             token: "secret".into(),
+            audit: Arc::new(crate::audit::AuditLog::open(dir, 1 << 20).expect("audit")),
         })
     }
 

@@ -112,11 +112,19 @@ fn entry_in(dialect: Dialect, b: &BackendModels, m: &ListedModel) -> Value {
         {
             m.entry.clone()
         }
-        (Dialect::OpenAi, _) => json!({
-            "id": m.name, "object": "model", "created": 0, "owned_by": b.backend,
+        _ => synthesized_entry(dialect, &m.name, &b.backend),
+    }
+}
+
+/// A listing entry for a model known only by name, with the fields the official clients
+/// require.
+pub fn synthesized_entry(dialect: Dialect, name: &str, owned_by: &str) -> Value {
+    match dialect {
+        Dialect::OpenAi => json!({
+            "id": name, "object": "model", "created": 0, "owned_by": owned_by,
         }),
-        (Dialect::Ollama, _) => json!({
-            "name": m.name, "model": m.name, "modified_at": "1970-01-01T00:00:00Z",
+        Dialect::Ollama => json!({
+            "name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z",
             "size": 0, "digest": "",
             "details": {"format": "", "family": "", "families": null,
                         "parameter_size": "", "quantization_level": ""},

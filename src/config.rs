@@ -31,6 +31,7 @@ pub const DEFAULT_PATH_PREFIX: &str = "/arknet";
 /// Default backend when the config declares none: a local Ollama.
 pub const DEFAULT_BACKEND_URL: &str = "http://127.0.0.1:11434";
 const DEFAULT_MAX_CONCURRENT: usize = 4;
+const DEFAULT_RESERVED_LOCAL_SLOTS: usize = 1;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_FIRST_BYTE_TIMEOUT_SECS: u64 = 300;
 const DEFAULT_IDLE_CHUNK_TIMEOUT_SECS: u64 = 300;
@@ -241,6 +242,12 @@ struct FileBackend {
     api_key: Option<String>,
     #[serde(default = "default_max_concurrent")]
     max_concurrent: NonZeroUsize,
+    #[serde(default = "default_reserved_local_slots")]
+    reserved_local_slots: usize,
+}
+
+fn default_reserved_local_slots() -> usize {
+    DEFAULT_RESERVED_LOCAL_SLOTS
 }
 
 fn default_max_concurrent() -> NonZeroUsize {
@@ -270,6 +277,8 @@ pub struct BackendConfig {
     pub api_key: Option<Redacted<String>>,
     /// Requests in flight to this backend at most; beyond it the node answers 503.
     pub max_concurrent: usize,
+    /// Slots only local clients may use; peers get `max_concurrent - reserved_local_slots`.
+    pub reserved_local_slots: usize,
 }
 
 /// Timeouts and pool settings for talking to backends.
@@ -390,6 +399,7 @@ impl Config {
                     .expect("default backend URL is valid"),
                 api_key: None,
                 max_concurrent: default_max_concurrent(),
+                reserved_local_slots: DEFAULT_RESERVED_LOCAL_SLOTS,
             }]
         });
         let mut names = HashSet::new();
@@ -404,12 +414,23 @@ impl Config {
                     format!("`{name}`: backend names must be non-empty and unique"),
                 ));
             }
+            if b.reserved_local_slots > b.max_concurrent.get() {
+                return Err(invalid(
+                    "backends.reserved_local_slots",
+                    find_key(text, "reserved_local_slots"),
+                    format!(
+                        "{} is more than max_concurrent ({})",
+                        b.reserved_local_slots, b.max_concurrent
+                    ),
+                ));
+            }
             backends.push(BackendConfig {
                 name,
                 kind: b.kind,
                 url: b.url,
                 api_key: b.api_key.filter(|k| !k.is_empty()).map(Redacted),
                 max_concurrent: b.max_concurrent.get(),
+                reserved_local_slots: b.reserved_local_slots,
             });
         }
         let u = file.upstream;

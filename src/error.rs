@@ -15,6 +15,16 @@ pub enum Dialect {
     Ollama,
 }
 
+impl Dialect {
+    /// The name hello and listings use: `openai` or `ollama`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::OpenAi => "openai",
+            Dialect::Ollama => "ollama",
+        }
+    }
+}
+
 /// A failure answered to the client instead of a backend response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {code}: {message}")]

@@ -20,7 +20,9 @@
 //! Pingora's listener, HTTP/1 and HTTP/2 sessions, connector and pool, and owns only the
 //! request/response relay.
 
+pub mod meter;
 pub mod request;
+pub mod sanitize;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +34,7 @@ use serde_json::{json, Value};
 
 use crate::admin::Admin;
 use crate::error::Dialect;
+use crate::grid::Grid;
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
 use crate::relay::{LocalRelay, ModelRequest};
@@ -54,6 +57,7 @@ pub struct Gateway {
     path_prefix: String,
     max_body_bytes: usize,
     relay: Arc<LocalRelay>,
+    grid: Arc<Grid>,
     admin: Admin,
     metrics: Arc<Metrics>,
 }
@@ -75,9 +79,7 @@ impl Handler for Gateway {
                 let ok = reply(s, 200, "text/plain; version=0.0.4", body, None).await;
                 Outcome::answered(200, ok)
             }
-            Ok(Endpoint::ListModels(d)) => {
-                reply_json(s, 200, &self.relay.catalog().snapshot().listing(d)).await
-            }
+            Ok(Endpoint::ListModels(d)) => reply_json(s, 200, &self.grid.listing(d)).await,
             Ok(Endpoint::OllamaPs) => reply_json(s, 200, &self.ollama_ps().await).await,
             Ok(Endpoint::OllamaVersion) => reply_json(s, 200, &self.ollama_version().await).await,
             Ok(Endpoint::Model(d)) => self.forward_model(s, d, &path, started).await,
@@ -94,6 +96,7 @@ impl Gateway {
         node: NodeInfo,
         config: &crate::config::Config,
         relay: Arc<LocalRelay>,
+        grid: Arc<Grid>,
         admin: Admin,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -102,6 +105,7 @@ impl Gateway {
             path_prefix: config.path_prefix.clone(),
             max_body_bytes: config.max_body_bytes,
             relay,
+            grid,
             admin,
             metrics,
         }
@@ -154,8 +158,9 @@ impl Gateway {
             started,
             forward_client_headers: true,
             stop: None,
+            from_peer: false,
         };
-        let mut outcome = self.relay.serve(s, req).await;
+        let mut outcome = self.grid.serve(s, req).await;
         outcome.model = Some(model);
         outcome
     }
@@ -239,7 +244,7 @@ fn route_label(path: &str) -> &'static str {
         "/api/ps",
         "/api/version",
     ];
-    if path.starts_with("/peers") || path == "/status" || path == "/" {
+    if path.starts_with("/peers") || path == "/status" || path == "/audit" || path == "/" {
         return "admin";
     }
     KNOWN.into_iter().find(|k| *k == path).unwrap_or("other")

@@ -12,10 +12,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod grid;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
@@ -36,9 +38,11 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::{Admin, AdminState};
+use crate::audit::AuditLog;
 use crate::catalog::{Catalog, CatalogRefresh};
 use crate::config::Config;
 use crate::gateway::{Gateway, NodeInfo};
+use crate::grid::Grid;
 use crate::identity::{Identity, IdentityError};
 use crate::mesh::client::{MeshClient, MeshPoller};
 use crate::mesh::tls::{MeshTls, TlsError};
@@ -70,6 +74,14 @@ pub enum StartError {
     #[error("admin token {path}: {source}")]
     AdminToken {
         /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The audit log could not be opened.
+    #[error("audit log in {path}: {source}")]
+    Audit {
+        /// The data dir.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
@@ -158,6 +170,14 @@ impl Node {
             metrics.clone(),
         ));
         let peers = Arc::new(PeerTable::open(&config.data_dir));
+        let audit = Arc::new(
+            AuditLog::open(&config.data_dir, audit::DEFAULT_MAX_BYTES).map_err(|source| {
+                StartError::Audit {
+                    path: config.data_dir.clone(),
+                    source,
+                }
+            })?,
+        );
         let node = NodeInfo {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
@@ -166,23 +186,40 @@ impl Node {
             peers: peers.clone(),
             node: node.clone(),
             token,
+            audit: audit.clone(),
         }));
-        let gateway = Gateway::new(node.clone(), config, relay.clone(), admin, metrics.clone());
+        let client = Arc::new(MeshClient::new(
+            tls.clone(),
+            upstream.clone(),
+            metrics.clone(),
+            &self.node_id,
+            config.mesh_listen.port(),
+        ));
+        let grid = Arc::new(Grid::new(
+            relay.clone(),
+            client.clone(),
+            peers.clone(),
+            upstream,
+            audit.clone(),
+            metrics.clone(),
+        ));
+        let gateway = Gateway::new(
+            node.clone(),
+            config,
+            relay.clone(),
+            grid,
+            admin,
+            metrics.clone(),
+        );
         let mesh = Mesh::new(
             node,
             leaf.identity_pem.clone(),
             peers.clone(),
             relay,
+            audit,
             metrics.clone(),
             config.max_body_bytes,
         );
-        let client = Arc::new(MeshClient::new(
-            tls.clone(),
-            upstream,
-            metrics.clone(),
-            &self.node_id,
-            config.mesh_listen.port(),
-        ));
         let poller = MeshPoller {
             client,
             peers,

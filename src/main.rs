@@ -196,6 +196,7 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
                     url,
                     api_key: None,
                     max_concurrent: args.backend_max_concurrent,
+                    reserved_local_slots: 1.min(args.backend_max_concurrent - 1),
                 })
             })
             .collect::<Result<_, String>>()?;

@@ -25,9 +25,12 @@ use async_trait::async_trait;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::audit::{AuditLog, Direction};
 use crate::error::{ApiError, Dialect};
+use crate::gateway::meter::TokenMeter;
 use crate::gateway::request::{classify, dialect_of, model_of, Endpoint};
 use crate::gateway::NodeInfo;
+use crate::grid::record_peer_request;
 use crate::metrics::Metrics;
 use crate::peers::store::ApprovedPeer;
 use crate::peers::{PeerTable, Source};
@@ -52,6 +55,7 @@ pub struct Mesh {
     identity_pem: String,
     peers: Arc<PeerTable>,
     relay: Arc<LocalRelay>,
+    audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
 }
@@ -77,9 +81,12 @@ impl Handler for Mesh {
                 return self.deny(s, dialect, &denied).await.reusable;
             }
         };
-        let outcome = if path == HELLO_PATH {
-            reply_json(s, 200, &self.hello(peer)).await
-        } else {
+        if path == HELLO_PATH {
+            return reply_json(s, 200, &self.hello(peer)).await.reusable;
+        }
+        let started_at = std::time::SystemTime::now();
+        let mut meter = TokenMeter::default();
+        let outcome = {
             match classify(&s.req_header().method, &path) {
                 Ok(Endpoint::ListModels(d)) => {
                     let listing = self
@@ -89,15 +96,23 @@ impl Handler for Mesh {
                         .listing_where(d, |m| authz::shares(peer, m));
                     reply_json(s, 200, &listing).await
                 }
-                Ok(Endpoint::Model(d)) => self.infer(s, peer, d, &path, started).await,
+                Ok(Endpoint::Model(d)) => self.infer(s, peer, d, &path, started, &mut meter).await,
                 Ok(_) => reply_error(s, dialect, &ApiError::no_route(&path)).await,
                 Err(e) => reply_error(s, dialect, &e).await,
             }
         };
-        self.metrics
-            .mesh_requests
-            .with_label_values(&[&peer.node_id, &outcome.status.to_string()])
-            .inc();
+        let model = outcome.model.clone().unwrap_or_default();
+        record_peer_request(
+            &self.audit,
+            &self.metrics,
+            Direction::Inbound,
+            &peer.node_id,
+            &model,
+            &outcome,
+            meter,
+            started,
+            started_at,
+        );
         outcome.reusable
     }
 }
@@ -109,6 +124,7 @@ impl Mesh {
         identity_pem: String,
         peers: Arc<PeerTable>,
         relay: Arc<LocalRelay>,
+        audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         max_body_bytes: usize,
     ) -> Self {
@@ -117,6 +133,7 @@ impl Mesh {
             identity_pem,
             peers,
             relay,
+            audit,
             metrics,
             max_body_bytes,
         }
@@ -130,6 +147,7 @@ impl Mesh {
         dialect: Dialect,
         path: &str,
         started: Instant,
+        meter: &mut TokenMeter,
     ) -> Outcome {
         if let Err(denied) = authz::may_infer(peer) {
             return self.deny(s, dialect, &denied).await;
@@ -164,8 +182,9 @@ impl Mesh {
             started,
             forward_client_headers: false,
             stop: Some(runtime.stop_signal()),
+            from_peer: true,
         };
-        let mut outcome = self.relay.serve(s, req).await;
+        let mut outcome = self.relay.serve(s, req, Some(meter)).await;
         outcome.model = Some(permit.model);
         outcome
     }
@@ -231,7 +250,7 @@ impl Mesh {
                 .filter(|m| authz::shares(peer, m))
                 .map(|m| {
                     let free = own_free.min(self.relay.free_slots(&m));
-                    json!({"name": m, "free_slots": free})
+                    json!({"name": m, "free_slots": free, "dialects": self.relay.dialects_of(&m)})
                 })
                 .collect()
         } else {

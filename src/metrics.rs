@@ -34,8 +34,14 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     /// Models a backend lists.
     pub backend_models: IntGaugeVec,
-    /// Requests from approved peers on the mesh listener, by peer node id and status.
-    pub mesh_requests: IntCounterVec,
+    /// Peer requests by peer node id, direction (inbound/outbound) and status.
+    pub peer_requests: IntCounterVec,
+    /// Peer attempts that failed or were busy before the first byte, so the next candidate was tried.
+    pub peer_failovers: IntCounterVec,
+    /// Tokens of peer requests by peer, direction and kind (prompt/completion).
+    pub peer_tokens: IntCounterVec,
+    /// Duration of peer requests by direction.
+    pub peer_duration: HistogramVec,
     /// Mesh requests refused before any backend, by reason.
     pub mesh_refused: IntCounterVec,
     /// Nodes whose TLS identity did not match the key they claimed or we pinned.
@@ -108,12 +114,34 @@ impl Metrics {
             &["backend"],
         )
         .expect("static metric definition");
-        let mesh_requests = IntCounterVec::new(
+        let peer_requests = IntCounterVec::new(
             Opts::new(
-                "arknet_mesh_requests_total",
-                "Requests from approved peers on the mesh listener",
+                "arknet_peer_requests_total",
+                "Peer requests by peer, direction and status",
             ),
-            &["peer", "status"],
+            &["peer", "direction", "status"],
+        )
+        .expect("static metric definition");
+        let peer_failovers = IntCounterVec::new(
+            Opts::new(
+                "arknet_peer_failovers_total",
+                "Peer attempts that failed or were busy before the first byte",
+            ),
+            &["peer"],
+        )
+        .expect("static metric definition");
+        let peer_tokens = IntCounterVec::new(
+            Opts::new("arknet_peer_tokens_total", "Tokens of peer requests"),
+            &["peer", "direction", "kind"],
+        )
+        .expect("static metric definition");
+        let peer_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "arknet_peer_request_duration_seconds",
+                "Duration of peer requests",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["direction"],
         )
         .expect("static metric definition");
         let mesh_refused = IntCounterVec::new(
@@ -144,7 +172,10 @@ impl Metrics {
             Box::new(backend_in_flight.clone()),
             Box::new(backend_up.clone()),
             Box::new(backend_models.clone()),
-            Box::new(mesh_requests.clone()),
+            Box::new(peer_requests.clone()),
+            Box::new(peer_failovers.clone()),
+            Box::new(peer_tokens.clone()),
+            Box::new(peer_duration.clone()),
             Box::new(mesh_refused.clone()),
             Box::new(mesh_spoofs.clone()),
             Box::new(approvals_file_valid.clone()),
@@ -161,7 +192,10 @@ impl Metrics {
             backend_in_flight,
             backend_up,
             backend_models,
-            mesh_requests,
+            peer_requests,
+            peer_failovers,
+            peer_tokens,
+            peer_duration,
             mesh_refused,
             mesh_spoofs,
             approvals_file_valid,

@@ -92,6 +92,8 @@ pub struct PeerStatus {
     pub latency_ms: Option<f64>,
     /// Models the peer shares with us, with its free slots for us.
     pub models: Vec<serde_json::Value>,
+    /// Requests the peer lets us have in flight there.
+    pub grant: u32,
     /// Last error talking to it.
     pub error: Option<String>,
 }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Snapshot};
 use crate::error::{ApiError, Dialect};
+use crate::gateway::meter::TokenMeter;
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};
 use crate::session::{reply_error, Outcome};
@@ -56,6 +57,18 @@ pub struct ModelRequest<'a> {
     pub forward_client_headers: bool,
     /// Flips to `true` when the request must end now (its peer was revoked).
     pub stop: Option<watch::Receiver<bool>>,
+    /// A peer's request: it may only use backend slots beyond `reserved_local_slots`.
+    pub from_peer: bool,
+}
+
+/// How one attempt at a candidate went.
+pub enum Attempt {
+    /// A response went to the client (relayed, or an error answered here).
+    Done(Outcome),
+    /// The candidate had no free slot; nothing was sent anywhere.
+    Busy,
+    /// The candidate failed before answering; nothing reached the client, try the next.
+    Failed(String),
 }
 
 /// The node's own backends and what is needed to serve them.
@@ -97,7 +110,33 @@ impl LocalRelay {
         &self.upstream
     }
 
-    /// Free slots of the backends that list `model` (0 when none lists it).
+    /// The API families in which this node can serve `model`: Ollama backends speak both.
+    pub fn dialects_of(&self, model: &str) -> Vec<&'static str> {
+        let snapshot = self.catalog.snapshot();
+        let mut openai = false;
+        let mut ollama = false;
+        for (b, m) in self.backends.iter().zip(&snapshot.backends) {
+            if m.models
+                .iter()
+                .flatten()
+                .any(|l| routing::model_matches(&l.name, model))
+            {
+                openai = true;
+                ollama |= b.config.kind == crate::config::BackendKind::Ollama;
+            }
+        }
+        let mut out = Vec::new();
+        if openai {
+            out.push("openai");
+        }
+        if ollama {
+            out.push("ollama");
+        }
+        out
+    }
+
+    /// Slots a peer could use now on the backends that list `model` (beyond the reserved
+    /// local slots; 0 when none lists it).
     pub fn free_slots(&self, model: &str) -> usize {
         let snapshot = self.catalog.snapshot();
         self.backends
@@ -109,12 +148,20 @@ impl LocalRelay {
                     .flatten()
                     .any(|l| routing::model_matches(&l.name, model))
             })
-            .map(|(b, _)| b.config.max_concurrent - b.in_flight())
+            .map(|(b, _)| {
+                (b.config.max_concurrent - b.config.reserved_local_slots)
+                    .saturating_sub(b.in_flight())
+            })
             .sum()
     }
 
-    /// Serves `req` with a local backend, or answers why not.
-    pub async fn serve(&self, s: &mut ServerSession, mut req: ModelRequest<'_>) -> Outcome {
+    /// Serves `req` with a local backend, or answers why not (the mesh listener's path).
+    pub async fn serve(
+        &self,
+        s: &mut ServerSession,
+        mut req: ModelRequest<'_>,
+        mut meter: Option<&mut TokenMeter>,
+    ) -> Outcome {
         let dialect = req.dialect;
         let order = match self.ranked(req.model, dialect).await {
             Ok(order) => order,
@@ -126,46 +173,10 @@ impl LocalRelay {
         let mut busy = false;
         let mut last_failure = None;
         for i in order {
-            let backend = &self.backends[i];
-            let Some(permit) = backend.try_slot() else {
-                busy = true;
-                continue;
-            };
-            let gauge = self
-                .metrics
-                .backend_in_flight
-                .with_label_values(&[&backend.config.name]);
-            gauge.set(backend.in_flight() as i64);
-            let header = match upstream_request(s.req_header(), backend, &req) {
-                Ok(h) => h,
-                Err(e) => return reply_error(s, dialect, &e).await,
-            };
-            let sent = self.upstream.send(backend.peer(), &header, &req.body).await;
-            let outcome = match sent {
-                Ok(rsp) => Some(self.relay(s, rsp, req.stop.take()).await),
-                Err(SendError::Timeout { .. }) => {
-                    let e = ApiError::timeout(format!(
-                        "backend \"{}\" sent no response in time",
-                        backend.config.name
-                    ));
-                    Some(reply_error(s, dialect, &e).await)
-                }
-                Err(e) => {
-                    tracing::warn!(backend = %backend.config.name, error = %e, "backend failed before responding");
-                    if matches!(e, SendError::Connect { .. }) {
-                        self.metrics
-                            .upstream_connect_errors
-                            .with_label_values(&[&backend.config.name])
-                            .inc();
-                    }
-                    last_failure = Some(format!("backend \"{}\": {e}", backend.config.name));
-                    None
-                }
-            };
-            drop(permit);
-            gauge.set(backend.in_flight() as i64);
-            if let Some(outcome) = outcome {
-                return outcome;
+            match self.attempt(s, i, &mut req, meter.as_deref_mut()).await {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Busy => busy = true,
+                Attempt::Failed(why) => last_failure = Some(why),
             }
         }
         let e = match last_failure {
@@ -176,11 +187,72 @@ impl LocalRelay {
         reply_error(s, dialect, &e).await
     }
 
-    async fn ranked(&self, model: &str, dialect: Dialect) -> Result<Vec<usize>, NoRoute> {
-        let ranked = self.rank(model, dialect, &self.catalog.snapshot());
-        if ranked != Err(NoRoute::UnknownModel) {
-            return ranked;
+    /// Tries backend `i` for `req`.
+    pub async fn attempt(
+        &self,
+        s: &mut ServerSession,
+        i: usize,
+        req: &mut ModelRequest<'_>,
+        meter: Option<&mut TokenMeter>,
+    ) -> Attempt {
+        let backend = &self.backends[i];
+        // The owner comes first: peers only get the slots beyond the reserved ones, and never
+        // wait for one, so a local burst turns peers away at once.
+        if req.from_peer
+            && backend.in_flight() + backend.config.reserved_local_slots
+                >= backend.config.max_concurrent
+        {
+            return Attempt::Busy;
         }
+        let Some(permit) = backend.try_slot() else {
+            return Attempt::Busy;
+        };
+        let gauge = self
+            .metrics
+            .backend_in_flight
+            .with_label_values(&[&backend.config.name]);
+        gauge.set(backend.in_flight() as i64);
+        let header = match upstream_request(s.req_header(), backend, req) {
+            Ok(h) => h,
+            Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
+        };
+        let sent = self.upstream.send(backend.peer(), &header, &req.body).await;
+        let attempt = match sent {
+            Ok(rsp) => {
+                let stop = req.stop.take();
+                Attempt::Done(relay_response(&self.upstream, s, rsp, stop, meter).await)
+            }
+            Err(SendError::Timeout { .. }) => {
+                let e = ApiError::timeout(format!(
+                    "backend \"{}\" sent no response in time",
+                    backend.config.name
+                ));
+                Attempt::Done(reply_error(s, req.dialect, &e).await)
+            }
+            Err(e) => {
+                tracing::warn!(backend = %backend.config.name, error = %e, "backend failed before responding");
+                if matches!(e, SendError::Connect { .. }) {
+                    self.metrics
+                        .upstream_connect_errors
+                        .with_label_values(&[&backend.config.name])
+                        .inc();
+                }
+                Attempt::Failed(format!("backend \"{}\": {e}", backend.config.name))
+            }
+        };
+        drop(permit);
+        gauge.set(backend.in_flight() as i64);
+        attempt
+    }
+
+    /// Local backends for `model`, best first, refreshing the catalog once on a miss.
+    pub async fn ranked(&self, model: &str, dialect: Dialect) -> Result<Vec<usize>, NoRoute> {
+        let snapshot = self.catalog.snapshot();
+        if snapshot.knows(model) {
+            return self.rank(model, dialect, &snapshot);
+        }
+        // Nobody lists it (yet): the model may have been pulled a moment ago, or the first
+        // listing may still be on its way. Never route on a guess when a refresh can tell.
         let fresh = self.catalog.refresh_if_older(MISS_REFRESH_MIN_AGE).await;
         self.rank(model, dialect, &fresh)
     }
@@ -205,7 +277,8 @@ impl LocalRelay {
         routing::rank(model, dialect, &views)
     }
 
-    fn no_route_error(&self, model: &str, no_route: NoRoute) -> ApiError {
+    /// The error for a model no local backend can serve.
+    pub fn no_route_error(&self, model: &str, no_route: NoRoute) -> ApiError {
         match no_route {
             NoRoute::UnknownModel => ApiError::model_not_found(model),
             NoRoute::OtherDialect(i) => ApiError {
@@ -217,57 +290,61 @@ impl LocalRelay {
             },
         }
     }
+}
 
-    /// Relays a backend response to the client as it arrives, until it ends, the client
-    /// leaves, the backend breaks, or `stop` flips.
-    async fn relay(
-        &self,
-        s: &mut ServerSession,
-        mut rsp: UpstreamResponse,
-        mut stop: Option<watch::Receiver<bool>>,
-    ) -> Outcome {
-        let status = rsp.header().status.as_u16();
-        let stream_dialect = stream_dialect(rsp.header());
-        let header = downstream_response(rsp.header());
-        let chunked = !header.headers.contains_key(header::CONTENT_LENGTH);
-        let mut outcome = Outcome {
-            status,
-            model: None,
-            first_byte: None,
-            reusable: false,
+/// Relays a backend (or peer) response to the client as it arrives, until it ends, the client
+/// leaves, the backend breaks, or `stop` flips.
+pub async fn relay_response(
+    upstream: &Upstream,
+    s: &mut ServerSession,
+    mut rsp: UpstreamResponse,
+    mut stop: Option<watch::Receiver<bool>>,
+    mut meter: Option<&mut TokenMeter>,
+) -> Outcome {
+    let status = rsp.header().status.as_u16();
+    let stream_dialect = stream_dialect(rsp.header());
+    let header = downstream_response(rsp.header());
+    let chunked = !header.headers.contains_key(header::CONTENT_LENGTH);
+    let mut outcome = Outcome {
+        status,
+        model: None,
+        first_byte: None,
+        reusable: false,
+    };
+    if s.write_response_header(Box::new(header)).await.is_err() {
+        return outcome;
+    }
+    outcome.first_byte = Some(Instant::now());
+    loop {
+        let next = tokio::select! {
+            next = rsp.next_chunk() => next,
+            () = stopped(&mut stop) => {
+                end_with_error(s, stream_dialect, chunked, "access to this node was revoked").await;
+                return outcome;
+            }
         };
-        if s.write_response_header(Box::new(header)).await.is_err() {
-            return outcome;
-        }
-        outcome.first_byte = Some(Instant::now());
-        loop {
-            let next = tokio::select! {
-                next = rsp.next_chunk() => next,
-                () = stopped(&mut stop) => {
-                    end_with_error(s, stream_dialect, chunked, "access to this node was revoked").await;
+        match next {
+            Ok(Some(chunk)) => {
+                if let Some(m) = meter.as_deref_mut() {
+                    m.observe(&chunk);
+                }
+                if s.write_response_body(chunk, false).await.is_err() {
+                    // The client left; dropping `rsp` closes the backend connection, which
+                    // makes the backend stop generating.
+                    tracing::debug!("client went away mid-response");
                     return outcome;
                 }
-            };
-            match next {
-                Ok(Some(chunk)) => {
-                    if s.write_response_body(chunk, false).await.is_err() {
-                        // The client left; dropping `rsp` closes the backend connection, which
-                        // makes the backend stop generating.
-                        tracing::debug!("client went away mid-response");
-                        return outcome;
-                    }
-                }
-                Ok(None) => {
-                    outcome.reusable = s.write_response_body(Bytes::new(), true).await.is_ok();
-                    self.upstream.release(rsp).await;
-                    return outcome;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "backend stream broke mid-response");
-                    let why = format!("the backend stopped mid-response: {e}");
-                    end_with_error(s, stream_dialect, chunked, &why).await;
-                    return outcome;
-                }
+            }
+            Ok(None) => {
+                outcome.reusable = s.write_response_body(Bytes::new(), true).await.is_ok();
+                upstream.release(rsp).await;
+                return outcome;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "backend stream broke mid-response");
+                let why = format!("the backend stopped mid-response: {e}");
+                end_with_error(s, stream_dialect, chunked, &why).await;
+                return outcome;
             }
         }
     }

@@ -70,6 +70,46 @@ pub fn rank(
     Ok(ranked.into_iter().map(|(_, _, i)| i).collect())
 }
 
+/// What routing needs to know about one approved peer that shares the model with us.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerView {
+    /// Free slots for us it reported in its last hello.
+    pub free_slots: usize,
+    /// Requests we have in flight to it now.
+    pub our_in_flight: usize,
+    /// Requests it lets us have in flight.
+    pub grant: usize,
+    /// Round trip of its last hello, in milliseconds.
+    pub latency_ms: f64,
+    /// Consecutive recent failures talking to it.
+    pub failures: u32,
+}
+
+/// Indices of the peers worth trying, best first: never one at the concurrency it grants us;
+/// then those with free slots before those without, most free slots relative to the grant,
+/// lower latency, fewer recent failures.
+pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
+    let mut ranked: Vec<(bool, std::cmp::Reverse<u64>, u64, u32, usize)> = peers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.grant > 0 && p.our_in_flight < p.grant)
+        .map(|(i, p)| {
+            let free = p.free_slots.saturating_sub(p.our_in_flight);
+            let ratio = (free as u64 * 1_000_000) / p.grant as u64;
+            let latency_us = (p.latency_ms.max(0.0) * 1000.0) as u64;
+            (
+                free == 0,
+                std::cmp::Reverse(ratio),
+                latency_us,
+                p.failures,
+                i,
+            )
+        })
+        .collect();
+    ranked.sort_unstable();
+    ranked.into_iter().map(|r| r.4).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +183,55 @@ mod tests {
             rank("other", Dialect::OpenAi, &[]),
             Err(NoRoute::UnknownModel)
         );
+    }
+
+    fn peer(free: usize, ours: usize, grant: usize, latency_ms: f64, failures: u32) -> PeerView {
+        PeerView {
+            free_slots: free,
+            our_in_flight: ours,
+            grant,
+            latency_ms,
+            failures,
+        }
+    }
+
+    #[test]
+    fn peers_at_their_grant_are_never_candidates() {
+        assert_eq!(
+            rank_peers(&[peer(4, 2, 2, 1.0, 0), peer(1, 0, 1, 9.0, 0)]),
+            vec![1]
+        );
+        assert_eq!(rank_peers(&[peer(4, 0, 0, 1.0, 0)]), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn free_capacity_then_latency_then_failures_decide() {
+        let peers = [
+            peer(0, 0, 2, 0.1, 0),
+            peer(1, 0, 2, 5.0, 0),
+            peer(2, 0, 2, 9.0, 0),
+            peer(2, 0, 2, 3.0, 0),
+        ];
+        assert_eq!(
+            rank_peers(&peers),
+            vec![3, 2, 1, 0],
+            "busy last; equal ratios by latency"
+        );
+        let peers = [peer(2, 0, 2, 3.0, 2), peer(2, 0, 2, 3.0, 0)];
+        assert_eq!(rank_peers(&peers), vec![1, 0]);
+    }
+
+    #[test]
+    fn ranking_a_thousand_peers_is_quick_and_total() {
+        let peers: Vec<PeerView> = (0..1000)
+            .map(|i| peer(i % 5, i % 3, 4, (i % 17) as f64, (i % 4) as u32))
+            .collect();
+        let ranked = rank_peers(&peers);
+        assert_eq!(ranked.len(), 1000);
+        let mut seen = ranked.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 1000);
     }
 
     #[test]

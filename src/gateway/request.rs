@@ -22,7 +22,7 @@ pub enum Endpoint {
     OllamaVersion,
     /// A POST naming a model in its JSON body; routed by that model.
     Model(Dialect),
-    /// `/peers/*` and `/status`: the owner's admin API.
+    /// `/peers/*`, `/status`, `/audit`: the owner's admin API.
     Admin,
 }
 
@@ -73,7 +73,7 @@ pub fn classify(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
         "/api/tags" => get(Endpoint::ListModels(Dialect::Ollama)),
         "/api/ps" => get(Endpoint::OllamaPs),
         "/api/version" => get(Endpoint::OllamaVersion),
-        "/status" | "/peers" => Ok(Endpoint::Admin),
+        "/status" | "/peers" | "/audit" => Ok(Endpoint::Admin),
         p if p.starts_with("/peers/") => Ok(Endpoint::Admin),
         p if OPENAI_MODEL_PATHS.contains(&p) || OLLAMA_MODEL_PATHS.contains(&p) => {
             if method == Method::POST {

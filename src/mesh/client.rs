@@ -53,6 +53,8 @@ pub struct Hello {
     pub models: Vec<Value>,
     /// Whether the peer has approved us.
     pub approved_us: bool,
+    /// Requests the peer lets us have in flight there.
+    pub grant: u32,
     /// Round trip of the pinned request.
     pub latency: Duration,
 }
@@ -121,6 +123,7 @@ impl MeshClient {
                 node_id,
                 models: body["models"].as_array().cloned().unwrap_or_default(),
                 approved_us: true,
+                grant: body["you"]["grant"].as_u64().unwrap_or(0) as u32,
                 latency,
             }),
             403 => Ok(Hello {
@@ -128,10 +131,30 @@ impl MeshClient {
                 node_id,
                 models: Vec::new(),
                 approved_us: false,
+                grant: 0,
                 latency,
             }),
             s => Err(HelloError::Protocol(format!("hello answered HTTP {s}"))),
         }
+    }
+
+    /// A pinned upstream peer for `key` at `addr`, once its identity certificate is known.
+    pub fn pinned_peer(
+        &self,
+        addr: SocketAddr,
+        key: &PublicKey,
+    ) -> Option<pingora::upstreams::peer::HttpPeer> {
+        self.pin(key).map(|pin| self.tls.peer(addr, &pin, key))
+    }
+
+    /// Headers this node sends on every mesh request.
+    pub fn own_headers(&self) -> &[(&'static str, String)] {
+        &self.own_headers
+    }
+
+    /// Counts a spoof seen outside of hello (e.g. a forwarded request's handshake).
+    pub fn count_spoof(&self, what: String) {
+        let _ = self.spoof(what);
     }
 
     fn pin(&self, key: &PublicKey) -> Option<X509> {
@@ -252,6 +275,7 @@ impl MeshPoller {
                     status.last_hello = Some(now_rfc3339());
                     status.latency_ms = Some(h.latency.as_secs_f64() * 1000.0);
                     status.models = h.models;
+                    status.grant = h.grant;
                     status.error = (!h.approved_us).then(|| HelloError::NotApproved.to_string());
                 }
                 Err(e) => {

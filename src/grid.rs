@@ -1,0 +1,388 @@
+//! Grid routing of a local client's request: this node's own backends first while they have a
+//! free slot, then approved peers that share the model with us, failing over before the first
+//! response byte (DESIGN §5).
+//!
+//! ```text
+//! local backends (relay.rs, ranked) -> busy/failed -> peers (routing::rank_peers over the
+//! last hellos) -> pinned mTLS request with an allow-listed body (gateway/sanitize.rs)
+//!   -> connect/TLS failure, timeout to headers, 403/404/429/502/503/504 -> next peer
+//!   -> response relayed as it arrives; token counts audited (audit.rs)
+//! ```
+//!
+//! We never have more requests in flight to a peer than its approval of us grants.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::audit::{AuditLog, AuditRecord, Direction};
+use crate::catalog::synthesized_entry;
+use crate::error::{ApiError, Dialect};
+use crate::gateway::meter::TokenMeter;
+use crate::gateway::sanitize;
+use crate::identity::PublicKey;
+use crate::mesh::client::MeshClient;
+use crate::mesh::tls::MESH_SNI;
+use crate::metrics::Metrics;
+use crate::peers::PeerTable;
+use crate::relay::{relay_response, Attempt, LocalRelay, ModelRequest};
+use crate::routing::{self, PeerView};
+use crate::session::{reply_error, Outcome};
+use crate::upstream::{SendError, Upstream};
+
+/// Peer answers that mean "not here, not now": try the next candidate.
+const FAILOVER_STATUSES: [u16; 6] = [403, 404, 429, 502, 503, 504];
+/// Peers tried per request at most.
+const PEER_ATTEMPTS: usize = 4;
+
+/// Routes local requests across the node's backends and its peers.
+pub struct Grid {
+    relay: Arc<LocalRelay>,
+    client: Arc<MeshClient>,
+    peers: Arc<PeerTable>,
+    upstream: Arc<Upstream>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    outbound: Mutex<HashMap<PublicKey, Arc<Outbound>>>,
+}
+
+/// Our side of one peer's grant.
+struct Outbound {
+    grant: u32,
+    slots: Arc<Semaphore>,
+    failures: AtomicU32,
+}
+
+/// A peer that could serve the request.
+struct PeerCandidate {
+    key: PublicKey,
+    node_id: String,
+    addr: SocketAddr,
+    view: PeerView,
+}
+
+impl Grid {
+    /// Assembles the router.
+    pub fn new(
+        relay: Arc<LocalRelay>,
+        client: Arc<MeshClient>,
+        peers: Arc<PeerTable>,
+        upstream: Arc<Upstream>,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Grid {
+            relay,
+            client,
+            peers,
+            upstream,
+            audit,
+            metrics,
+            outbound: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serves a local client's model request from the best candidate that answers.
+    pub async fn serve(&self, s: &mut ServerSession, mut req: ModelRequest<'_>) -> Outcome {
+        let dialect = req.dialect;
+        let local = self.relay.ranked(req.model, dialect).await;
+        let peers = self.peer_candidates(req.model, dialect);
+        let local_order = local.as_ref().map_or_else(|_| Vec::new(), Clone::clone);
+        if local_order.is_empty() && peers.is_empty() {
+            let e = match local {
+                Err(no_route) => self.relay.no_route_error(req.model, no_route),
+                Ok(_) => ApiError::model_not_found(req.model),
+            };
+            return reply_error(s, dialect, &e).await;
+        }
+        let mut busy = false;
+        let mut failure = None;
+        for i in local_order {
+            match self.relay.attempt(s, i, &mut req, None).await {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Busy => busy = true,
+                Attempt::Failed(why) => failure = Some(why),
+            }
+        }
+        if !peers.is_empty() {
+            let body = match sanitize::for_peer(req.path, &req.body) {
+                Ok(b) => b,
+                Err(e) => return reply_error(s, dialect, &e).await,
+            };
+            for c in peers.iter().take(PEER_ATTEMPTS) {
+                match self.attempt_peer(s, c, &req, &body).await {
+                    Attempt::Done(outcome) => return outcome,
+                    Attempt::Busy => busy = true,
+                    Attempt::Failed(why) => failure = Some(why),
+                }
+                self.metrics
+                    .peer_failovers
+                    .with_label_values(&[&c.node_id])
+                    .inc();
+            }
+        }
+        let e = match failure {
+            Some(_) if busy => ApiError::busy(req.model),
+            Some(detail) => ApiError::backend_unreachable(detail),
+            None if busy => ApiError::busy(req.model),
+            None => ApiError::model_not_found(req.model),
+        };
+        reply_error(s, dialect, &e).await
+    }
+
+    /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first.
+    fn peer_candidates(&self, model: &str, dialect: Dialect) -> Vec<PeerCandidate> {
+        let approvals = self.peers.approvals();
+        let mut candidates = Vec::new();
+        for p in &approvals.file.peers {
+            let status = self.peers.status(&p.public_key);
+            if !status.reachable {
+                continue;
+            }
+            let Some(offer) = status.models.iter().find(|m| {
+                m["name"]
+                    .as_str()
+                    .is_some_and(|n| routing::model_matches(n, model))
+                    && m["dialects"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().any(|x| x == dialect.as_str()))
+            }) else {
+                continue;
+            };
+            let Some(addr) = self
+                .peers
+                .endpoint_of(&p.public_key)
+                .and_then(|e| e.parse().ok())
+            else {
+                continue;
+            };
+            let out = self.outbound(&p.public_key, status.grant);
+            candidates.push(PeerCandidate {
+                key: p.public_key,
+                node_id: p.node_id.clone(),
+                addr,
+                view: PeerView {
+                    free_slots: offer["free_slots"].as_u64().unwrap_or(0) as usize,
+                    our_in_flight: out.grant as usize - out.slots.available_permits(),
+                    grant: out.grant as usize,
+                    latency_ms: status.latency_ms.unwrap_or(f64::MAX),
+                    failures: out.failures.load(Ordering::Relaxed),
+                },
+            });
+        }
+        let views: Vec<PeerView> = candidates.iter().map(|c| c.view).collect();
+        let order = routing::rank_peers(&views);
+        let mut slots: Vec<Option<PeerCandidate>> = candidates.into_iter().map(Some).collect();
+        order.into_iter().filter_map(|i| slots[i].take()).collect()
+    }
+
+    /// Our concurrency bookkeeping for a peer, resized when its grant for us changes.
+    fn outbound(&self, key: &PublicKey, grant: u32) -> Arc<Outbound> {
+        let mut map = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = map
+            .entry(*key)
+            .or_insert_with(|| Arc::new(Outbound::new(grant)));
+        if entry.grant != grant {
+            *entry = Arc::new(Outbound::new(grant));
+        }
+        entry.clone()
+    }
+
+    async fn attempt_peer(
+        &self,
+        s: &mut ServerSession,
+        c: &PeerCandidate,
+        req: &ModelRequest<'_>,
+        body: &Bytes,
+    ) -> Attempt {
+        let out = self.outbound(&c.key, c.view.grant as u32);
+        let Some(_slot): Option<OwnedSemaphorePermit> = out.slots.clone().try_acquire_owned().ok()
+        else {
+            return Attempt::Busy;
+        };
+        let Some(peer) = self.client.pinned_peer(c.addr, &c.key) else {
+            return Attempt::Failed(format!("peer {}: identity not verified yet", c.node_id));
+        };
+        let header = match self.peer_request(req, body.len()) {
+            Ok(h) => h,
+            Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
+        };
+        let started_at = SystemTime::now();
+        let started = Instant::now();
+        let rsp = match self.upstream.send(&peer, &header, body).await {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                if e.is_tls_rejection() {
+                    self.client.count_spoof(format!(
+                        "{} at {} failed the pinned handshake: {e}",
+                        c.node_id, c.addr
+                    ));
+                }
+                out.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %c.node_id, error = %e, "peer failed before responding");
+                return Attempt::Failed(describe(&c.node_id, &e));
+            }
+        };
+        let status = rsp.header().status.as_u16();
+        if FAILOVER_STATUSES.contains(&status) {
+            // Unread body: dropping the response closes that connection instead of pooling it.
+            tracing::info!(peer = %c.node_id, status, "peer declined; trying the next candidate");
+            if status == 429 || status == 503 {
+                return Attempt::Busy;
+            }
+            out.failures.fetch_add(1, Ordering::Relaxed);
+            return Attempt::Failed(format!("peer {} answered {status}", c.node_id));
+        }
+        let mut meter = TokenMeter::default();
+        let outcome = relay_response(&self.upstream, s, rsp, None, Some(&mut meter)).await;
+        out.failures.store(0, Ordering::Relaxed);
+        record_peer_request(
+            &self.audit,
+            &self.metrics,
+            Direction::Outbound,
+            &c.node_id,
+            req.model,
+            &outcome,
+            meter,
+            started,
+            started_at,
+        );
+        Attempt::Done(outcome)
+    }
+
+    /// The request header for a peer: nothing of the client's, only what the mesh needs.
+    fn peer_request(
+        &self,
+        req: &ModelRequest<'_>,
+        body_len: usize,
+    ) -> Result<RequestHeader, ApiError> {
+        let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
+        let mut h = RequestHeader::build("POST", req.path.as_bytes(), Some(6)).map_err(internal)?;
+        h.insert_header(header::HOST, MESH_SNI).map_err(internal)?;
+        h.insert_header(header::CONTENT_TYPE, "application/json")
+            .map_err(internal)?;
+        h.insert_header(header::CONTENT_LENGTH, body_len.to_string())
+            .map_err(internal)?;
+        for (name, value) in self.client.own_headers() {
+            h.insert_header(*name, value.as_str()).map_err(internal)?;
+        }
+        Ok(h)
+    }
+
+    /// `/v1/models` or `/api/tags` for local clients: local models and the models peers share
+    /// with us, each marked with where it is available (`arknet.local`, `arknet.peers`).
+    pub fn listing(&self, dialect: Dialect) -> Value {
+        let snapshot = self.relay.catalog().snapshot();
+        let mut listing = snapshot.listing(dialect);
+        let mut remote: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let approvals = self.peers.approvals();
+        for p in &approvals.file.peers {
+            let status = self.peers.status(&p.public_key);
+            if !status.reachable {
+                continue;
+            }
+            for m in &status.models {
+                let speaks = m["dialects"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|x| x == dialect.as_str()));
+                if let (Some(name), true) = (m["name"].as_str(), speaks) {
+                    remote
+                        .entry(name.to_string())
+                        .or_default()
+                        .push(p.node_id.clone());
+                }
+            }
+        }
+        let (list_key, name_key) = match dialect {
+            Dialect::OpenAi => ("data", "id"),
+            Dialect::Ollama => ("models", "name"),
+        };
+        if let Some(list) = listing[list_key].as_array_mut() {
+            for entry in list.iter_mut() {
+                let name = entry[name_key].as_str().unwrap_or_default().to_string();
+                let peers = remote.remove(&name).unwrap_or_default();
+                entry["arknet"] = json!({"local": true, "peers": peers});
+            }
+            for (name, peers) in remote {
+                let owner = format!("peer:{}", peers.first().map_or("", String::as_str));
+                let mut entry = synthesized_entry(dialect, &name, &owner);
+                entry["arknet"] = json!({"local": false, "peers": peers});
+                list.push(entry);
+            }
+        }
+        listing
+    }
+}
+
+impl Outbound {
+    fn new(grant: u32) -> Self {
+        Outbound {
+            grant,
+            slots: Arc::new(Semaphore::new(grant as usize)),
+            failures: AtomicU32::new(0),
+        }
+    }
+}
+
+fn describe(node_id: &str, e: &SendError) -> String {
+    format!("peer {node_id}: {e}")
+}
+
+/// Audit line and metrics for one peer request, either direction.
+#[allow(clippy::too_many_arguments)]
+pub fn record_peer_request(
+    audit: &AuditLog,
+    metrics: &Metrics,
+    direction: Direction,
+    peer: &str,
+    model: &str,
+    outcome: &Outcome,
+    meter: TokenMeter,
+    started: Instant,
+    started_at: SystemTime,
+) {
+    let (prompt, completion) = meter.finish();
+    let dir = match direction {
+        Direction::Inbound => "inbound",
+        Direction::Outbound => "outbound",
+    };
+    let elapsed = started.elapsed();
+    metrics
+        .peer_requests
+        .with_label_values(&[peer, dir, &outcome.status.to_string()])
+        .inc();
+    metrics
+        .peer_duration
+        .with_label_values(&[dir])
+        .observe(elapsed.as_secs_f64());
+    for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+        if let Some(n) = n {
+            metrics
+                .peer_tokens
+                .with_label_values(&[peer, dir, kind])
+                .inc_by(n);
+        }
+    }
+    audit.write(AuditRecord {
+        timestamp: crate::timefmt::rfc3339(started_at),
+        direction,
+        peer: peer.to_string(),
+        model: model.to_string(),
+        status: outcome.status,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        ttft_ms: outcome
+            .first_byte
+            .map(|t| t.duration_since(started).as_secs_f64() * 1000.0),
+        latency_ms: elapsed.as_secs_f64() * 1000.0,
+    });
+}
