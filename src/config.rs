@@ -244,6 +244,10 @@ struct FileBackend {
     max_concurrent: NonZeroUsize,
     #[serde(default = "default_reserved_local_slots")]
     reserved_local_slots: usize,
+    #[serde(default)]
+    guest_vram_budget_mb: Option<u64>,
+    #[serde(default)]
+    model_vram_mb: std::collections::BTreeMap<String, u64>,
 }
 
 fn default_reserved_local_slots() -> usize {
@@ -279,6 +283,11 @@ pub struct BackendConfig {
     pub max_concurrent: usize,
     /// Slots only local clients may use; peers get `max_concurrent - reserved_local_slots`.
     pub reserved_local_slots: usize,
+    /// VRAM (MB) that loaded models may occupy when a peer's request would load another;
+    /// `None`: peers may make the backend load anything.
+    pub guest_vram_budget_mb: Option<u64>,
+    /// Static model sizes (MB) for backends that cannot report them (OpenAI-compatible ones).
+    pub model_vram_mb: std::collections::BTreeMap<String, u64>,
 }
 
 /// Timeouts and pool settings for talking to backends.
@@ -400,6 +409,8 @@ impl Config {
                 api_key: None,
                 max_concurrent: default_max_concurrent(),
                 reserved_local_slots: DEFAULT_RESERVED_LOCAL_SLOTS,
+                guest_vram_budget_mb: None,
+                model_vram_mb: Default::default(),
             }]
         });
         let mut names = HashSet::new();
@@ -431,6 +442,8 @@ impl Config {
                 api_key: b.api_key.filter(|k| !k.is_empty()).map(Redacted),
                 max_concurrent: b.max_concurrent.get(),
                 reserved_local_slots: b.reserved_local_slots,
+                guest_vram_budget_mb: b.guest_vram_budget_mb,
+                model_vram_mb: b.model_vram_mb,
             });
         }
         let u = file.upstream;

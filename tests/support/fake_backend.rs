@@ -79,6 +79,8 @@ pub struct FakeConfig {
     pub record: bool,
     /// Length of the embedding vectors.
     pub embedding_dim: usize,
+    /// Models `/api/ps` reports as loaded (`None`: all of them).
+    pub loaded: Option<Vec<String>>,
 }
 
 impl FakeConfig {
@@ -92,6 +94,7 @@ impl FakeConfig {
             status_override: None,
             record: true,
             embedding_dim: 8,
+            loaded: None,
         }
     }
     pub fn ollama(models: &[&str]) -> Self {
@@ -125,6 +128,10 @@ impl FakeConfig {
     }
     pub fn record(mut self, on: bool) -> Self {
         self.record = on;
+        self
+    }
+    pub fn loaded(mut self, models: &[&str]) -> Self {
+        self.loaded = Some(models.iter().map(|m| m.to_string()).collect());
         self
     }
     pub fn embedding_dim(mut self, n: usize) -> Self {
@@ -620,6 +627,7 @@ async fn handle(
             let models: Vec<Value> = cfg
                 .models
                 .iter()
+                .filter(|m| cfg.loaded.as_ref().is_none_or(|l| l.contains(m)))
                 .map(|m| {
                     json!({"name": m, "model": m, "size": model_size(m), "size_vram": model_size(m),
                            "digest": digest(m), "details": details(), "expires_at": expires,

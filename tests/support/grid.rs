@@ -43,6 +43,8 @@ pub struct BackendSpec {
     pub kind: &'static str,
     pub url: String,
     pub max_concurrent: usize,
+    /// Extra TOML lines for this `[[backends]]` table.
+    pub extra: String,
 }
 
 impl BackendSpec {
@@ -60,11 +62,19 @@ impl BackendSpec {
             kind,
             url: url.into(),
             max_concurrent: 4,
+            extra: String::new(),
         }
     }
 
     pub fn max_concurrent(mut self, n: usize) -> Self {
         self.max_concurrent = n;
+        self
+    }
+
+    /// Adds a TOML line to this backend's table (e.g. `guest_vram_budget_mb = 1000`).
+    pub fn toml(mut self, line: &str) -> Self {
+        self.extra.push_str(line);
+        self.extra.push('\n');
         self
     }
 }
@@ -293,8 +303,8 @@ fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &
     );
     for b in &spec.backends {
         toml.push_str(&format!(
-            "\n[[backends]]\nname = {:?}\nkind = {:?}\nurl = {:?}\nmax_concurrent = {}\n",
-            b.name, b.kind, b.url, b.max_concurrent
+            "\n[[backends]]\nname = {:?}\nkind = {:?}\nurl = {:?}\nmax_concurrent = {}\n{}",
+            b.name, b.kind, b.url, b.max_concurrent, b.extra
         ));
     }
     toml
