@@ -159,13 +159,24 @@ impl Node {
         );
         let catalog = Arc::new(Catalog::new(
             backends.clone(),
-            upstream.clone(),
+            Arc::new(Upstream::new(&config.upstream)),
             metrics.clone(),
             config.upstream.models_refresh,
         ));
+        // One connection pool per runtime: Pingora runs each service on its own runtime, and a
+        // pooled connection registered with one runtime's reactor wakes that runtime for every
+        // response even when another runtime's task uses it.
+        let mesh_upstream = Arc::new(Upstream::new(&config.upstream));
+        let control_upstream = Arc::new(Upstream::new(&config.upstream));
         let relay = Arc::new(LocalRelay::new(
-            backends,
+            backends.clone(),
             upstream.clone(),
+            catalog.clone(),
+            metrics.clone(),
+        ));
+        let mesh_relay = Arc::new(LocalRelay::new(
+            backends,
+            mesh_upstream,
             catalog.clone(),
             metrics.clone(),
         ));
@@ -190,7 +201,7 @@ impl Node {
         }));
         let client = Arc::new(MeshClient::new(
             tls.clone(),
-            upstream.clone(),
+            control_upstream,
             metrics.clone(),
             &self.node_id,
             config.mesh_listen.port(),
@@ -215,7 +226,7 @@ impl Node {
             node,
             leaf.identity_pem.clone(),
             peers.clone(),
-            relay,
+            mesh_relay,
             audit,
             metrics.clone(),
             config.max_body_bytes,

@@ -368,9 +368,11 @@ pub async fn relay_response(
         return outcome;
     }
     outcome.first_byte = Some(Instant::now());
+    // What a gathering pass read past its batch (the end, or an error), handled next.
+    let mut pending = None;
     loop {
         let next = tokio::select! {
-            next = rsp.next_chunk() => next,
+            next = async { match pending.take() { Some(p) => p, None => rsp.next_chunk().await } } => next,
             () = stopped(&mut stop) => {
                 end_with_error(s, stream_dialect, chunked, "access to this node was revoked").await;
                 return outcome;
@@ -378,6 +380,7 @@ pub async fn relay_response(
         };
         match next {
             Ok(Some(chunk)) => {
+                let chunk = gather(&mut rsp, chunk, &mut pending);
                 if let Some(m) = meter.as_deref_mut() {
                     m.observe(&chunk);
                 }
@@ -400,6 +403,48 @@ pub async fn relay_response(
                 return outcome;
             }
         }
+    }
+}
+
+/// Largest batch of already-arrived chunks written to the client in one go.
+const GATHER_LIMIT: usize = 64 * 1024;
+
+/// Appends to `first` whatever further chunks have already arrived, without waiting, so that a
+/// burst of small events costs one write to the client instead of one each (every body write
+/// is flushed). Stops at the limit, at the first chunk not yet here, or at the end or an error,
+/// which it leaves in `pending`.
+fn gather(
+    rsp: &mut UpstreamResponse,
+    first: Bytes,
+    pending: &mut Option<pingora::Result<Option<Bytes>>>,
+) -> Bytes {
+    let mut batch: Option<bytes::BytesMut> = None;
+    let mut len = first.len();
+    while len < GATHER_LIMIT {
+        match poll_now(rsp.next_chunk()) {
+            Some(Ok(Some(more))) => {
+                let b = batch.get_or_insert_with(|| bytes::BytesMut::from(&first[..]));
+                b.extend_from_slice(&more);
+                len = b.len();
+            }
+            Some(end_or_error) => {
+                *pending = Some(end_or_error);
+                break;
+            }
+            None => break,
+        }
+    }
+    batch.map_or(first, bytes::BytesMut::freeze)
+}
+
+/// Polls `f` once. Pingora's body reads keep their progress in the session, so dropping a read
+/// that is not ready loses nothing (its own proxy cancels them in `select!` the same way).
+fn poll_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -449,9 +494,12 @@ fn upstream_request(
     if req.forward_client_headers {
         for (name, value) in client.headers.iter() {
             // Identity encoding upstream: the relay may need to read the stream it forwards.
+            // The gateway is the trust boundary: a client's credentials (perhaps a real
+            // provider key) never travel further; the backend gets its configured key.
             if NOT_FORWARDED.contains(&name.as_str())
                 || name == header::ACCEPT_ENCODING
-                || (api_key.is_some() && name == header::AUTHORIZATION)
+                || name == header::AUTHORIZATION
+                || name == header::COOKIE
             {
                 continue;
             }
