@@ -41,6 +41,11 @@ use crate::peers::store::{ApprovedPeer, Permissions};
 use crate::peers::{ChangeError, PeerTable, Selector};
 use crate::session::{read_body, Outcome};
 
+/// The admin page: one self-contained HTML file (no CDN, no build step), embedded in the
+/// binary. It calls the admin API with relative URLs, so it works at `/` and behind Nginx at
+/// `/arknet/`.
+pub const PAGE: &str = include_str!("admin/page.html");
+
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
 /// Headers that mean "a proxy forwarded this": the loopback exemption does not apply.

@@ -73,6 +73,11 @@ impl Handler for Gateway {
         let outcome = match classify(&s.req_header().method, &path) {
             Err(e) => reply_error(s, dialect, &e).await,
             Ok(Endpoint::Admin) => self.admin.serve(s, &path).await,
+            Ok(Endpoint::AdminPage) => {
+                let page = Bytes::from_static(crate::admin::PAGE.as_bytes());
+                let ok = reply(s, 200, "text/html; charset=utf-8", page, None).await;
+                Outcome::answered(200, ok)
+            }
             Ok(Endpoint::Health) => reply_json(s, 200, &self.health()).await,
             Ok(Endpoint::Metrics) => {
                 let body = Bytes::from(self.metrics.render());
@@ -244,7 +249,7 @@ fn route_label(path: &str) -> &'static str {
         "/api/ps",
         "/api/version",
     ];
-    if path.starts_with("/peers") || path == "/status" || path == "/audit" || path == "/" {
+    if path.starts_with("/peers") || ["/status", "/audit", "/", "/admin"].contains(&path) {
         return "admin";
     }
     KNOWN.into_iter().find(|k| *k == path).unwrap_or("other")

@@ -24,6 +24,8 @@ pub enum Endpoint {
     Model(Dialect),
     /// `/peers/*`, `/status`, `/audit`: the owner's admin API.
     Admin,
+    /// `GET /` (or `/admin`): the admin page.
+    AdminPage,
 }
 
 /// Paths that take a JSON body with a `model` field, per dialect.
@@ -68,6 +70,7 @@ pub fn classify(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
     };
     match path {
         "/health" | "/healthz" => get(Endpoint::Health),
+        "/" | "/admin" => get(Endpoint::AdminPage),
         "/metrics" => get(Endpoint::Metrics),
         "/v1/models" => get(Endpoint::ListModels(Dialect::OpenAi)),
         "/api/tags" => get(Endpoint::ListModels(Dialect::Ollama)),
