@@ -33,6 +33,9 @@ enum Command {
     Peers {
         #[command(flatten)]
         config: ConfigArgs,
+        /// The node's API address [default: `api.listen` from the config].
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
         #[command(subcommand)]
         action: PeersAction,
     },
@@ -139,7 +142,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Id(args) => id(args),
-        Command::Peers { config, action } => peers(&config, action),
+        Command::Peers {
+            config,
+            api,
+            action,
+        } => peers(&config, api, action),
     }
 }
 
@@ -280,8 +287,8 @@ fn init_tracing(default_level: &str) {
         .init();
 }
 
-fn peers(args: &ConfigArgs, action: PeersAction) -> ExitCode {
-    let config = match load(args) {
+fn peers(args: &ConfigArgs, api: Option<std::net::SocketAddr>, action: PeersAction) -> ExitCode {
+    let mut config = match load(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("arknet: {e}");
@@ -327,11 +334,17 @@ fn peers(args: &ConfigArgs, action: PeersAction) -> ExitCode {
             let body = match (node_id, public_key) {
                 (Some(id), _) => serde_json::json!({ "node_id": id }),
                 (None, Some(k)) => serde_json::json!({ "public_key": k }),
-                (None, None) => unreachable_selector(),
+                (None, None) => {
+                    eprintln!("arknet: give --node-id or --public-key");
+                    return ExitCode::from(EX_USAGE);
+                }
             };
             ("POST", "/peers/revoke", Some(body))
         }
     };
+    if let Some(api) = api {
+        config.api_listen = api;
+    }
     let token = std::fs::read_to_string(config.admin_token_path()).ok();
     match admin_call(
         config.api_listen,
@@ -362,11 +375,6 @@ fn peers(args: &ConfigArgs, action: PeersAction) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Clap enforces one of `--node-id` / `--public-key`.
-fn unreachable_selector() -> serde_json::Value {
-    serde_json::json!({})
 }
 
 /// One HTTP/1.1 request to the local admin API; returns status and body.

@@ -156,3 +156,60 @@ fn a_taken_port_is_reported_in_one_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen on {addr}")));
 }
+
+#[test]
+fn peers_cli_approves_lists_and_revokes_through_the_admin_api() {
+    let node = NodeProc::start(&NodeSpec::with_backend(BackendSpec::ollama(
+        "http://127.0.0.1:9",
+    )));
+    let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let run = |args: &[&str]| {
+        let out = Command::new(ARKNET)
+            .arg("peers")
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--api")
+            .arg(node.api.to_string())
+            .args(args)
+            .output()
+            .expect("run arknet peers");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = run(&[
+        "approve",
+        "--node-id",
+        "dave",
+        "--public-key",
+        key,
+        "--models",
+        "a,b",
+        "--max-concurrent",
+        "3",
+    ]);
+    assert!(ok, "{out}");
+    let approved = node.get("/peers/approved").json();
+    assert_eq!(
+        approved["peers"][0]["permissions"]["models_shared"],
+        serde_json::json!(["a", "b"])
+    );
+    assert_eq!(
+        approved["peers"][0]["permissions"]["max_concurrent_requests"],
+        3
+    );
+    let (ok, out) = run(&["list"]);
+    assert!(
+        ok && out.contains("dave") && out.contains("approved"),
+        "{out}"
+    );
+    let (ok, out) = run(&["revoke", "--node-id", "dave"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        node.get("/peers/approved").json()["peers"],
+        serde_json::json!([])
+    );
+    let (ok, out) = run(&["revoke", "--node-id", "nobody"]);
+    assert!(!ok && out.contains("no approved peer"), "{out}");
+}
