@@ -26,6 +26,9 @@ pub const DEFAULT_MESH_LISTEN: &str = "0.0.0.0:8911";
 /// Default admin token file, relative to the data dir.
 pub const DEFAULT_ADMIN_TOKEN_FILE: &str = "admin.token";
 const DEFAULT_HELLO_INTERVAL_SECS: u64 = 5;
+/// mDNS is off unless the config turns it on: a node started by a test, a benchmark or a
+/// script must never multicast on an interface nobody chose. The shipped config turns it on.
+const DEFAULT_MDNS: bool = false;
 /// Default path prefix Nginx uses when it forwards `/arknet/` with the prefix kept.
 pub const DEFAULT_PATH_PREFIX: &str = "/arknet";
 /// Default backend when the config declares none: a local Ollama.
@@ -167,6 +170,8 @@ impl Default for FileMesh {
 struct FileDiscovery {
     #[serde(rename = "static")]
     static_peers: Vec<SocketAddr>,
+    mdns: Option<bool>,
+    mdns_interfaces: Vec<String>,
 }
 
 impl Default for FileConfig {
@@ -332,6 +337,10 @@ pub struct Config {
     pub hello_interval: Duration,
     /// Peer endpoints dialed without discovery (`discovery.static`, `--peer`).
     pub static_peers: Vec<SocketAddr>,
+    /// Advertise and browse `_arknet._tcp` by mDNS.
+    pub mdns: bool,
+    /// Interfaces for mDNS; empty: all but loopback and tunnels.
+    pub mdns_interfaces: Vec<String>,
     /// Upstream timeouts.
     pub upstream: UpstreamConfig,
     /// The node's own model servers, in preference order.
@@ -462,6 +471,8 @@ impl Config {
             mesh_listen: file.mesh.listen,
             hello_interval: Duration::from_secs(file.mesh.hello_interval_secs.max(1)),
             static_peers: file.discovery.static_peers,
+            mdns: file.discovery.mdns.unwrap_or(DEFAULT_MDNS),
+            mdns_interfaces: file.discovery.mdns_interfaces,
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 first_byte_timeout: Duration::from_secs(u.first_byte_timeout_secs.max(1)),

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod audit;
 pub mod catalog;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod gateway;
 pub mod grid;
@@ -231,6 +232,14 @@ impl Node {
             metrics.clone(),
             config.max_body_bytes,
         );
+        let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {
+            node_id: self.node_id.clone(),
+            public_key: self.identity.public_key(),
+            mesh_port: config.mesh_listen.port(),
+            interfaces: config.mdns_interfaces.clone(),
+            client: client.clone(),
+            peers: peers.clone(),
+        });
         let poller = MeshPoller {
             client,
             peers,
@@ -253,6 +262,9 @@ impl Node {
         server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));
         server.add_service(background_service("mesh poller", poller));
+        if let Some(mdns) = mdns {
+            server.add_service(background_service("mdns discovery", mdns));
+        }
         tracing::info!(
             node_id = %self.node_id,
             public_key = %self.identity.public_key(),

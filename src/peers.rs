@@ -423,6 +423,19 @@ impl PeerTable {
         e.last_seen_at = Instant::now();
     }
 
+    /// `source` no longer sees `key` (an mDNS goodbye, a TTL expiry): the sighting drops that
+    /// source, and disappears when no source is left (an approved peer stays listed through its
+    /// approval, and its hellos tell whether it is reachable).
+    pub fn gone(&self, key: &PublicKey, source: Source) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.sightings.get_mut(key) {
+            e.sources.retain(|s| *s != source);
+            if e.sources.is_empty() {
+                inner.sightings.remove(key);
+            }
+        }
+    }
+
     /// Every node seen or approved, with its state.
     pub fn discovered(&self) -> Vec<Sighting> {
         let approvals = self.approvals();

@@ -1,0 +1,186 @@
+//! mDNS on the LAN (`_arknet._tcp`): advertise this node, browse for the others.
+//!
+//! The record carries only what identifies the node: instance name = node id, port = mesh port,
+//! TXT `id` (node id), `pk` (public key), `v` (protocol version). No model list, no user data.
+//! A resolved record is a *claim*: the node is listed only after a pinned mTLS hello to the
+//! advertised address proves the advertised key; a mismatch is counted as a spoof.
+//!
+//! Creating an `mdns-sd` daemon joins the multicast groups on every interface that is up, so
+//! with `discovery.mdns = false` this module is never started and no multicast socket exists.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::SERVICE_TYPE;
+use crate::identity::PublicKey;
+use crate::mesh::client::{HelloError, MeshClient};
+use crate::mesh::PROTOCOL_VERSION;
+use crate::peers::{PeerTable, Source};
+
+/// Interface name prefixes treated as tunnels: not used for mDNS unless named explicitly
+/// (WireGuard peers are found through the tunnel's peer list instead).
+const TUNNEL_PREFIXES: [&str; 4] = ["wg", "tun", "tap", "utun"];
+
+/// The mDNS discovery source, run by Pingora as a background service.
+pub struct MdnsDiscovery {
+    /// This node's id (instance name, TXT `id`).
+    pub node_id: String,
+    /// This node's key (TXT `pk`); our own record is ignored when browsing.
+    pub public_key: PublicKey,
+    /// Port of the mesh listener.
+    pub mesh_port: u16,
+    /// Interfaces to use; empty means every interface except loopback and tunnels.
+    pub interfaces: Vec<String>,
+    /// Proves advertised keys.
+    pub client: Arc<MeshClient>,
+    /// Where sightings go.
+    pub peers: Arc<PeerTable>,
+}
+
+#[async_trait]
+impl BackgroundService for MdnsDiscovery {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let daemon = match self.daemon() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "mDNS discovery could not start; static peers still work");
+                return;
+            }
+        };
+        let events = match daemon.browse(SERVICE_TYPE) {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::error!(error = %e, "mDNS browse failed");
+                return;
+            }
+        };
+        tracing::info!(service = SERVICE_TYPE, interfaces = ?self.interfaces, "mDNS discovery started");
+        let mut seen: HashMap<String, PublicKey> = HashMap::new();
+        loop {
+            tokio::select! {
+                event = events.recv_async() => match event {
+                    Ok(event) => self.on_event(event, &mut seen).await,
+                    Err(_) => break,
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Goodbye packets, so the others notice at once rather than at TTL expiry.
+        if let Ok(done) = daemon.shutdown() {
+            let _ = done.recv_async().await;
+        }
+    }
+}
+
+impl MdnsDiscovery {
+    fn daemon(&self) -> Result<ServiceDaemon, mdns_sd::Error> {
+        let daemon = ServiceDaemon::new()?;
+        if self.interfaces.is_empty() {
+            daemon.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])?;
+            for name in tunnel_interfaces() {
+                daemon.disable_interface(IfKind::Name(name))?;
+            }
+        } else {
+            daemon.disable_interface(IfKind::All)?;
+            for name in &self.interfaces {
+                let kind = match name.as_str() {
+                    // mdns-sd models loopback separately from named interfaces.
+                    "lo" => IfKind::LoopbackV4,
+                    _ => IfKind::Name(name.clone()),
+                };
+                daemon.enable_interface(kind)?;
+            }
+        }
+        let key = self.public_key.to_string();
+        let version = PROTOCOL_VERSION.to_string();
+        let txt = [
+            ("id", self.node_id.as_str()),
+            ("pk", key.as_str()),
+            ("v", version.as_str()),
+        ];
+        let host = format!("{}.local.", self.node_id);
+        let info = ServiceInfo::new(
+            SERVICE_TYPE,
+            &self.node_id,
+            &host,
+            (),
+            self.mesh_port,
+            &txt[..],
+        )?
+        .enable_addr_auto();
+        daemon.register(info)?;
+        Ok(daemon)
+    }
+
+    async fn on_event(&self, event: ServiceEvent, seen: &mut HashMap<String, PublicKey>) {
+        match event {
+            ServiceEvent::ServiceResolved(info) => {
+                let Some(claimed) = info.txt_properties.get_property_val_str("pk") else {
+                    return;
+                };
+                let Ok(key) = claimed.parse::<PublicKey>() else {
+                    tracing::debug!(record = %info.fullname, "mDNS record with a malformed key");
+                    return;
+                };
+                if key == self.public_key {
+                    return;
+                }
+                let node_id = info
+                    .txt_properties
+                    .get_property_val_str("id")
+                    .map(str::to_string)
+                    .filter(|id| crate::config::valid_node_id(id));
+                let mut addrs: Vec<IpAddr> =
+                    info.addresses.iter().map(|a| a.to_ip_addr()).collect();
+                addrs.sort_by_key(|a| (a.is_ipv6(), *a));
+                for ip in addrs {
+                    let endpoint = SocketAddr::new(ip, info.port);
+                    match self.client.hello(endpoint, Some(&key)).await {
+                        Ok(h) => {
+                            self.peers.sighted(
+                                h.key,
+                                Source::Mdns,
+                                node_id.clone(),
+                                Some(endpoint.to_string()),
+                            );
+                            seen.insert(info.fullname.clone(), h.key);
+                            return;
+                        }
+                        Err(HelloError::Spoof(what)) => {
+                            tracing::warn!(record = %info.fullname, %what, "mDNS record refused as a spoof");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%endpoint, error = %e, "mDNS peer not reachable there")
+                        }
+                    }
+                }
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                if let Some(key) = seen.remove(&fullname) {
+                    tracing::info!(record = %fullname, "mDNS peer said goodbye");
+                    self.peers.gone(&key, Source::Mdns);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Names of the tunnel interfaces present now.
+fn tunnel_interfaces() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| TUNNEL_PREFIXES.iter().any(|p| n.starts_with(p)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
