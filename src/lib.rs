@@ -291,8 +291,10 @@ impl Node {
                 .join("arknet-upgrade.sock")
                 .to_string_lossy()
                 .into_owned(),
-            grace_period_seconds: Some(0),
-            graceful_shutdown_timeout_seconds: Some(self.config.shutdown_grace_secs),
+            // On SIGTERM the listeners stop accepting at once; in-flight requests (and the mDNS
+            // goodbye) get the grace period; then the runtimes are dropped.
+            grace_period_seconds: Some(self.config.shutdown_grace_secs),
+            graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         }
     }

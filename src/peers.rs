@@ -424,13 +424,15 @@ impl PeerTable {
     }
 
     /// `source` no longer sees `key` (an mDNS goodbye, a TTL expiry): the sighting drops that
-    /// source, and disappears when no source is left (an approved peer stays listed through its
+    /// source, and disappears when no discovery source is left (an approved peer stays listed through its
     /// approval, and its hellos tell whether it is reachable).
     pub fn gone(&self, key: &PublicKey, source: Source) {
         let mut inner = self.lock();
         if let Some(e) = inner.sightings.get_mut(key) {
             e.sources.retain(|s| *s != source);
-            if e.sources.is_empty() {
+            // A past connect attempt says nothing about presence now: only another discovery
+            // source keeps the node listed.
+            if e.sources.iter().all(|s| *s == Source::Connect) {
                 inner.sightings.remove(key);
             }
         }

@@ -72,9 +72,16 @@ impl BackgroundService for MdnsDiscovery {
             }
         }
         // Goodbye packets, so the others notice at once rather than at TTL expiry.
-        if let Ok(done) = daemon.shutdown() {
-            let _ = done.recv_async().await;
+        let fullname = format!("{}.{SERVICE_TYPE}", self.node_id);
+        if let Ok(done) = daemon.unregister(&fullname) {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), done.recv_async()).await;
         }
+        if let Ok(done) = daemon.shutdown() {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), done.recv_async()).await;
+        }
+        tracing::info!("mDNS discovery stopped; goodbye sent");
     }
 }
 

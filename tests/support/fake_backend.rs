@@ -189,6 +189,17 @@ impl FakeBackend {
         }
     }
 
+    /// Like `start`, on a fixed port (for a backend process inside a network namespace).
+    pub async fn start_on(bind_ip: IpAddr, port: u16, config: FakeConfig) -> FakeBackend {
+        let (addr, shared, server) = launch_on(bind_ip, port, config).await;
+        FakeBackend {
+            addr,
+            shared,
+            server: Some(server),
+            thread: None,
+        }
+    }
+
     /// Like `start`, but on its own multi-thread runtime in a background thread; usable from
     /// synchronous code. Dropping the backend stops that runtime and joins the thread.
     pub fn start_in_thread(bind_ip: IpAddr, config: FakeConfig) -> FakeBackend {
@@ -277,11 +288,19 @@ impl Drop for FakeBackend {
 }
 
 async fn launch(bind_ip: IpAddr, config: FakeConfig) -> (SocketAddr, Arc<Shared>, JoinHandle<()>) {
+    launch_on(bind_ip, 0, config).await
+}
+
+async fn launch_on(
+    bind_ip: IpAddr,
+    port: u16,
+    config: FakeConfig,
+) -> (SocketAddr, Arc<Shared>, JoinHandle<()>) {
     assert!(
         bind_ip.is_loopback(),
         "fake backend may only bind loopback, not {bind_ip}"
     );
-    let listener = TcpListener::bind((bind_ip, 0))
+    let listener = TcpListener::bind((bind_ip, port))
         .await
         .expect("fake backend: bind");
     let addr = listener.local_addr().expect("fake backend: local_addr");

@@ -6,4 +6,5 @@ pub mod fake_backend;
 pub mod grid;
 pub mod http;
 pub mod mesh;
+pub mod netns;
 pub mod nginx;
