@@ -3,7 +3,6 @@
 //!
 //! Usage: `fake_backend <ip> <port> <model>[,<model>...]`; serves until killed.
 
-#[allow(dead_code)]
 #[path = "../tests/support/fake_backend.rs"]
 mod fake_backend;
 
