@@ -2,6 +2,7 @@
 //! runs real `arknet` processes. Each test binary uses a different subset, hence the allow.
 #![allow(dead_code)]
 
+pub mod avahi;
 pub mod fake_backend;
 pub mod grid;
 pub mod http;
