@@ -57,7 +57,7 @@ fn avahi_sees_the_node_and_a_forged_record_is_refused_as_a_spoof() {
         "ark-forged",
         8911,
         &[
-            format!("id=ark-forged"),
+            "id=ark-forged".to_string(),
             format!("pk={key_b}"),
             "v=1".into(),
         ],
