@@ -286,7 +286,9 @@ async fn peer_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
             let runtime = state.peers.runtime(&p.public_key);
             json!({
                 "node_id": p.node_id,
+                "name": p.name,
                 "public_key": p.public_key.to_string(),
+                "permissions": p.permissions,
                 "endpoint": state.peers.endpoint_of(&p.public_key),
                 "reachable": status.reachable,
                 "last_hello": status.last_hello,

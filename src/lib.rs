@@ -148,7 +148,7 @@ impl Node {
                 source,
             })?;
         let leaf = self.identity.issue_tls_leaf()?;
-        let tls = Arc::new(MeshTls::new(&leaf)?);
+        let tls = Arc::new(MeshTls::new(&leaf, config.mesh_listen.ip())?);
         let metrics = Arc::new(Metrics::new());
         let upstream = Arc::new(Upstream::new(&config.upstream));
         let backends: Arc<Vec<Backend>> = Arc::new(

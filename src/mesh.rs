@@ -165,14 +165,20 @@ impl Mesh {
         };
         let permit = match authz::authorize(peer, &model) {
             Ok(permit) => permit,
-            Err(denied) => return self.deny(s, dialect, &denied).await,
+            Err(denied) => {
+                let mut out = self.deny(s, dialect, &denied).await;
+                out.model = Some(model);
+                return out;
+            }
         };
         let Some(_slot) = runtime.try_slot() else {
             self.metrics
                 .mesh_refused
                 .with_label_values(&["peer_limit"])
                 .inc();
-            return reply_error(s, dialect, &ApiError::peer_limit(runtime.grant())).await;
+            let mut out = reply_error(s, dialect, &ApiError::peer_limit(runtime.grant())).await;
+            out.model = Some(permit.model);
+            return out;
         };
         let req = ModelRequest {
             dialect,

@@ -90,11 +90,15 @@ pub struct MeshTls {
     identity: X509,
     key: PKey<Private>,
     client_cert: Arc<CertKey>,
+    /// Source address for outgoing mesh connections: the mesh listener's IP when it is a
+    /// specific one, so that a node we dial can dial us back at the address it saw.
+    bind_ip: Option<std::net::IpAddr>,
 }
 
 impl MeshTls {
-    /// Parses a leaf issued by this node's identity.
-    pub fn new(leaf: &TlsLeaf) -> Result<Self, TlsError> {
+    /// Parses a leaf issued by this node's identity; outgoing connections leave from
+    /// `listen_ip` when it is not the wildcard address.
+    pub fn new(leaf: &TlsLeaf, listen_ip: std::net::IpAddr) -> Result<Self, TlsError> {
         let cert = X509::from_pem(leaf.cert_pem.as_bytes()).map_err(tls_err("leaf certificate"))?;
         let identity = X509::from_pem(leaf.identity_pem.as_bytes())
             .map_err(tls_err("identity certificate"))?;
@@ -109,6 +113,7 @@ impl MeshTls {
             identity,
             key,
             client_cert,
+            bind_ip: (!listen_ip.is_unspecified()).then_some(listen_ip),
         })
     }
 
@@ -147,7 +152,16 @@ impl MeshTls {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         pin_key.hash(&mut h);
         peer.group_key = h.finish();
+        self.bind(&mut peer);
         peer
+    }
+
+    fn bind(&self, peer: &mut HttpPeer) {
+        if let Some(ip) = self.bind_ip {
+            let mut bind = pingora::connectors::l4::BindTo::default();
+            bind.addr = Some(SocketAddr::new(ip, 0));
+            peer.options.bind_to = Some(bind);
+        }
     }
 
     /// An upstream peer that does not verify the server, for learning an unknown node's claimed
@@ -158,6 +172,7 @@ impl MeshTls {
         peer.options.verify_cert = false;
         peer.options.verify_hostname = false;
         peer.group_key = u64::MAX;
+        self.bind(&mut peer);
         peer
     }
 }
@@ -187,7 +202,7 @@ mod tests {
             parse_identity_cert(&leaf.identity_pem).map(|(_, k)| k),
             Some(id.public_key())
         );
-        MeshTls::new(&leaf).expect("loads into BoringSSL");
+        MeshTls::new(&leaf, "0.0.0.0".parse().expect("ip")).expect("loads into BoringSSL");
     }
 
     #[test]
