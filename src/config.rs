@@ -172,6 +172,25 @@ struct FileDiscovery {
     static_peers: Vec<SocketAddr>,
     mdns: Option<bool>,
     mdns_interfaces: Vec<String>,
+    wireguard: FileWireguard,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileWireguard {
+    enabled: bool,
+    interface: String,
+    mesh_port: Option<u16>,
+}
+
+impl Default for FileWireguard {
+    fn default() -> Self {
+        FileWireguard {
+            enabled: false,
+            interface: "wg0".to_string(),
+            mesh_port: None,
+        }
+    }
 }
 
 impl Default for FileConfig {
@@ -341,6 +360,10 @@ pub struct Config {
     pub mdns: bool,
     /// Interfaces for mDNS; empty: all but loopback and tunnels.
     pub mdns_interfaces: Vec<String>,
+    /// WireGuard interface whose peers are probed, when enabled.
+    pub wireguard_interface: Option<String>,
+    /// Mesh port of the nodes behind the tunnel (default: our own mesh port).
+    pub wireguard_mesh_port: Option<u16>,
     /// Upstream timeouts.
     pub upstream: UpstreamConfig,
     /// The node's own model servers, in preference order.
@@ -473,6 +496,12 @@ impl Config {
             static_peers: file.discovery.static_peers,
             mdns: file.discovery.mdns.unwrap_or(DEFAULT_MDNS),
             mdns_interfaces: file.discovery.mdns_interfaces,
+            wireguard_interface: file
+                .discovery
+                .wireguard
+                .enabled
+                .then(|| file.discovery.wireguard.interface.clone()),
+            wireguard_mesh_port: file.discovery.wireguard.mesh_port,
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 first_byte_timeout: Duration::from_secs(u.first_byte_timeout_secs.max(1)),

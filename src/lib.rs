@@ -240,6 +240,17 @@ impl Node {
             client: client.clone(),
             peers: peers.clone(),
         });
+        let wireguard = config.wireguard_interface.clone().map(|iface| {
+            crate::discovery::wireguard::WireguardDiscovery {
+                interfaces: vec![iface],
+                mesh_port: config
+                    .wireguard_mesh_port
+                    .unwrap_or(config.mesh_listen.port()),
+                interval: config.hello_interval,
+                client: client.clone(),
+                peers: peers.clone(),
+            }
+        });
         let poller = MeshPoller {
             client,
             peers,
@@ -264,6 +275,9 @@ impl Node {
         server.add_service(background_service("mesh poller", poller));
         if let Some(mdns) = mdns {
             server.add_service(background_service("mdns discovery", mdns));
+        }
+        if let Some(wireguard) = wireguard {
+            server.add_service(background_service("wireguard discovery", wireguard));
         }
         tracing::info!(
             node_id = %self.node_id,

@@ -79,6 +79,9 @@ pub struct Sighting {
     pub last_seen: String,
     /// Pending, approved or revoked.
     pub state: PeerState,
+    /// The WireGuard peer key it was found behind, when seen through a tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wireguard_key: Option<String>,
 }
 
 /// What the last hello to an approved peer found.
@@ -175,6 +178,7 @@ struct Inner {
 
 struct SightingEntry {
     node_id: Option<String>,
+    wireguard_key: Option<String>,
     endpoint: Option<String>,
     sources: Vec<Source>,
     first_seen: SystemTime,
@@ -404,6 +408,7 @@ impl PeerTable {
         let mut inner = self.lock();
         let e = inner.sightings.entry(key).or_insert_with(|| SightingEntry {
             node_id: None,
+            wireguard_key: None,
             endpoint: None,
             sources: Vec::new(),
             first_seen: now,
@@ -438,6 +443,13 @@ impl PeerTable {
         }
     }
 
+    /// Records the WireGuard peer key `key` was found behind.
+    pub fn set_wireguard_key(&self, key: &PublicKey, wg_key: &str) {
+        if let Some(e) = self.lock().sightings.get_mut(key) {
+            e.wireguard_key = Some(wg_key.to_string());
+        }
+    }
+
     /// Every node seen or approved, with its state.
     pub fn discovered(&self) -> Vec<Sighting> {
         let approvals = self.approvals();
@@ -463,6 +475,7 @@ impl PeerTable {
                     first_seen: rfc3339(e.first_seen),
                     last_seen: rfc3339(e.last_seen),
                     state: state_of(approved.is_some(), inner.revoked.contains_key(key)),
+                    wireguard_key: e.wireguard_key.clone(),
                 }
             })
             .collect();
@@ -476,6 +489,7 @@ impl PeerTable {
                     first_seen: p.approved_at.clone(),
                     last_seen: p.approved_at.clone(),
                     state: PeerState::Approved,
+                    wireguard_key: None,
                 });
             }
         }

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use support::avahi::Avahi;
 use support::grid::assert_eventually;
-use support::netns::{Lan, NsNode};
+use support::netns::{Lan, NsNode, MDNS_ON_LAN};
 
 #[test]
 fn avahi_sees_the_node_and_a_forged_record_is_refused_as_a_spoof() {
     let Some(lan) = Lan::create(3) else { return };
     let (a, b, c) = (&lan.hosts[0], &lan.hosts[1], &lan.hosts[2]);
-    let _node_a = NsNode::start(a, &["llama3.1:8b"], "");
-    let _node_b = NsNode::start(b, &["qwen3.5:35b"], "");
+    let _node_a = NsNode::start(a, &["llama3.1:8b"], MDNS_ON_LAN);
+    let _node_b = NsNode::start(b, &["qwen3.5:35b"], MDNS_ON_LAN);
     let health = |h: &support::netns::Host| h.api("GET", "/health", None).1;
     let (id_a, key_a) = (
         health(a)["node_id"]
@@ -63,7 +63,7 @@ fn avahi_sees_the_node_and_a_forged_record_is_refused_as_a_spoof() {
         ],
     );
     // C also runs a node, so C's address answers TLS, with C's own identity.
-    let _node_c = NsNode::start(c, &["phi3:mini"], "");
+    let _node_c = NsNode::start(c, &["phi3:mini"], MDNS_ON_LAN);
     assert_eventually(
         Duration::from_secs(20),
         "a counts the forged record as a spoof",

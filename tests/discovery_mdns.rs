@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::grid::assert_eventually;
-use support::netns::{Host, Lan, NsNode};
+use support::netns::{Host, Lan, NsNode, MDNS_ON_LAN};
 
 fn discovered(host: &Host) -> Vec<Value> {
     host.api("GET", "/peers/discovered", None).1["peers"]
@@ -33,7 +33,7 @@ fn three_namespaces_discover_approve_route_and_notice_a_departure() {
         .hosts
         .iter()
         .zip(models)
-        .map(|(h, m)| NsNode::start(h, m, ""))
+        .map(|(h, m)| NsNode::start(h, m, MDNS_ON_LAN))
         .collect();
     let ids: Vec<(String, String)> = lan.hosts.iter().map(identity).collect();
 

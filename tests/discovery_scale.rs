@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::grid::assert_eventually;
-use support::netns::{Lan, NsNode};
+use support::netns::{Lan, NsNode, MDNS_ON_LAN};
 
 const NODES: usize = 20;
 
@@ -19,7 +19,7 @@ fn twenty_nodes_all_see_each_other() {
     let _nodes: Vec<NsNode> = lan
         .hosts
         .iter()
-        .map(|h| NsNode::start(h, &["m"], ""))
+        .map(|h| NsNode::start(h, &["m"], MDNS_ON_LAN))
         .collect();
     let all_up = started.elapsed();
     assert_eventually(

@@ -213,8 +213,11 @@ pub fn fake_backend_bin() -> PathBuf {
     bin
 }
 
-/// An arknet node inside `host`: API on the namespace's loopback :8910, mesh on :8911, mDNS
-/// on the LAN port only, a fake backend serving `models` on the namespace's loopback.
+/// `[discovery]` body for mDNS on the LAN port only.
+pub const MDNS_ON_LAN: &str = "mdns = true\nmdns_interfaces = [\"lan0\"]";
+
+/// An arknet node inside `host`: API on the namespace's loopback :8910, mesh on :8911, the
+/// given `[discovery]` table body, a fake backend serving `models` on the namespace's loopback.
 pub struct NsNode {
     pub backend: NsProc,
     pub node: NsProc,
@@ -222,7 +225,7 @@ pub struct NsNode {
 }
 
 impl NsNode {
-    pub fn start(host: &Host, models: &[&str], extra_discovery: &str) -> NsNode {
+    pub fn start(host: &Host, models: &[&str], discovery: &str) -> NsNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = NsProc::spawn(
             host,
@@ -233,7 +236,7 @@ impl NsNode {
         let config = format!(
             "data_dir = {:?}\n[api]\nlisten = \"127.0.0.1:8910\"\nthreads = 1\nshutdown_grace_secs = 2\n\
              [mesh]\nlisten = \"0.0.0.0:8911\"\nhello_interval_secs = 1\n\
-             [discovery]\nmdns = true\nmdns_interfaces = [\"{LAN_IF}\"]\n{extra_discovery}\n\
+             [discovery]\n{discovery}\n\
              [upstream]\nmodels_refresh_secs = 1\n\
              [[backends]]\nname = \"ollama\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:11434\"\n",
             dir.path().join("data").display().to_string()
