@@ -23,6 +23,7 @@
 pub mod meter;
 pub mod request;
 pub mod sanitize;
+pub mod translate;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -29,6 +29,7 @@ use crate::catalog::synthesized_entry;
 use crate::error::{ApiError, Dialect};
 use crate::gateway::meter::TokenMeter;
 use crate::gateway::sanitize;
+use crate::gateway::translate;
 use crate::identity::PublicKey;
 use crate::mesh::client::MeshClient;
 use crate::mesh::tls::MESH_SNI;
@@ -68,6 +69,8 @@ struct PeerCandidate {
     node_id: String,
     addr: SocketAddr,
     view: PeerView,
+    /// The peer serves the model over the OpenAI API only: translate this Ollama request.
+    translate: bool,
 }
 
 impl Grid {
@@ -94,8 +97,8 @@ impl Grid {
     /// Serves a local client's model request from the best candidate that answers.
     pub async fn serve(&self, s: &mut ServerSession, mut req: ModelRequest<'_>) -> Outcome {
         let dialect = req.dialect;
-        let local = self.relay.ranked(req.model, dialect).await;
-        let peers = self.peer_candidates(req.model, dialect);
+        let local = self.relay.ranked(req.model, dialect, req.path).await;
+        let peers = self.peer_candidates(req.model, dialect, req.path);
         let local_order = local.as_ref().map_or_else(|_| Vec::new(), Clone::clone);
         if local_order.is_empty() && peers.is_empty() {
             let e = match local {
@@ -106,8 +109,8 @@ impl Grid {
         }
         let mut busy = false;
         let mut failure = None;
-        for i in local_order {
-            match self.relay.attempt(s, i, &mut req, None).await {
+        for target in local_order {
+            match self.relay.attempt(s, target, &mut req, None).await {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Busy => busy = true,
                 Attempt::Failed(why) => failure = Some(why),
@@ -140,7 +143,13 @@ impl Grid {
     }
 
     /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first.
-    fn peer_candidates(&self, model: &str, dialect: Dialect) -> Vec<PeerCandidate> {
+    fn peer_candidates(&self, model: &str, dialect: Dialect, path: &str) -> Vec<PeerCandidate> {
+        let can_translate = dialect == Dialect::Ollama && translate::translatable(path);
+        let speaks = |m: &Value, d: Dialect| {
+            m["dialects"]
+                .as_array()
+                .is_some_and(|ds| ds.iter().any(|x| x == d.as_str()))
+        };
         let approvals = self.peers.approvals();
         let mut candidates = Vec::new();
         for p in &approvals.file.peers {
@@ -152,12 +161,11 @@ impl Grid {
                 m["name"]
                     .as_str()
                     .is_some_and(|n| routing::model_matches(n, model))
-                    && m["dialects"]
-                        .as_array()
-                        .is_some_and(|d| d.iter().any(|x| x == dialect.as_str()))
+                    && (speaks(m, dialect) || (can_translate && speaks(m, Dialect::OpenAi)))
             }) else {
                 continue;
             };
+            let translate = !speaks(offer, dialect);
             let Some(addr) = self
                 .peers
                 .endpoint_of(&p.public_key)
@@ -177,6 +185,7 @@ impl Grid {
                     latency_ms: status.latency_ms.unwrap_or(f64::MAX),
                     failures: out.failures.load(Ordering::Relaxed),
                 },
+                translate,
             });
         }
         let views: Vec<PeerView> = candidates.iter().map(|c| c.view).collect();
@@ -212,13 +221,21 @@ impl Grid {
         let Some(peer) = self.client.pinned_peer(c.addr, &c.key) else {
             return Attempt::Failed(format!("peer {}: identity not verified yet", c.node_id));
         };
-        let header = match self.peer_request(req, body.len()) {
+        let (path, body, translator) = if c.translate {
+            match translate::ollama_to_openai(req.path, body) {
+                Ok(t) => (t.path, t.body, Some(t.response)),
+                Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
+            }
+        } else {
+            (req.path, body.clone(), None)
+        };
+        let header = match self.peer_request(path, body.len()) {
             Ok(h) => h,
             Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
         };
         let started_at = SystemTime::now();
         let started = Instant::now();
-        let rsp = match self.upstream.send(&peer, &header, body).await {
+        let rsp = match self.upstream.send(&peer, &header, &body).await {
             Ok(rsp) => rsp,
             Err(e) => {
                 if e.is_tls_rejection() {
@@ -243,7 +260,8 @@ impl Grid {
             return Attempt::Failed(format!("peer {} answered {status}", c.node_id));
         }
         let mut meter = TokenMeter::default();
-        let outcome = relay_response(&self.upstream, s, rsp, None, Some(&mut meter)).await;
+        let outcome =
+            relay_response(&self.upstream, s, rsp, None, Some(&mut meter), translator).await;
         out.failures.store(0, Ordering::Relaxed);
         record_peer_request(
             &self.audit,
@@ -260,13 +278,9 @@ impl Grid {
     }
 
     /// The request header for a peer: nothing of the client's, only what the mesh needs.
-    fn peer_request(
-        &self,
-        req: &ModelRequest<'_>,
-        body_len: usize,
-    ) -> Result<RequestHeader, ApiError> {
+    fn peer_request(&self, path: &str, body_len: usize) -> Result<RequestHeader, ApiError> {
         let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
-        let mut h = RequestHeader::build("POST", req.path.as_bytes(), Some(6)).map_err(internal)?;
+        let mut h = RequestHeader::build("POST", path.as_bytes(), Some(6)).map_err(internal)?;
         h.insert_header(header::HOST, MESH_SNI).map_err(internal)?;
         h.insert_header(header::CONTENT_TYPE, "application/json")
             .map_err(internal)?;
@@ -291,9 +305,12 @@ impl Grid {
                 continue;
             }
             for m in &status.models {
-                let speaks = m["dialects"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().any(|x| x == dialect.as_str()));
+                // Ollama clients reach OpenAI-only models too, through translation.
+                let speaks = m["dialects"].as_array().is_some_and(|d| {
+                    d.iter().any(|x| {
+                        x == dialect.as_str() || (dialect == Dialect::Ollama && x == "openai")
+                    })
+                });
                 if let (Some(name), true) = (m["name"].as_str(), speaks) {
                     remote
                         .entry(name.to_string())

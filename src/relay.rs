@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, Snapshot};
 use crate::error::{ApiError, Dialect};
 use crate::gateway::meter::TokenMeter;
+use crate::gateway::translate::{self, ResponseTranslator};
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};
 use crate::session::{reply_error, Outcome};
@@ -59,6 +60,15 @@ pub struct ModelRequest<'a> {
     pub stop: Option<watch::Receiver<bool>>,
     /// A peer's request: it may only use backend slots beyond `reserved_local_slots`.
     pub from_peer: bool,
+}
+
+/// A local backend to try, and whether the request must be translated for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Index of the backend.
+    pub index: usize,
+    /// The backend speaks OpenAI only and the request is Ollama-dialect.
+    pub translate: bool,
 }
 
 /// How one attempt at a candidate went.
@@ -163,7 +173,7 @@ impl LocalRelay {
         mut meter: Option<&mut TokenMeter>,
     ) -> Outcome {
         let dialect = req.dialect;
-        let order = match self.ranked(req.model, dialect).await {
+        let order = match self.ranked(req.model, dialect, req.path).await {
             Ok(order) => order,
             Err(no_route) => {
                 let e = self.no_route_error(req.model, no_route);
@@ -172,8 +182,11 @@ impl LocalRelay {
         };
         let mut busy = false;
         let mut last_failure = None;
-        for i in order {
-            match self.attempt(s, i, &mut req, meter.as_deref_mut()).await {
+        for target in order {
+            match self
+                .attempt(s, target, &mut req, meter.as_deref_mut())
+                .await
+            {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Busy => busy = true,
                 Attempt::Failed(why) => last_failure = Some(why),
@@ -191,11 +204,11 @@ impl LocalRelay {
     pub async fn attempt(
         &self,
         s: &mut ServerSession,
-        i: usize,
+        target: Target,
         req: &mut ModelRequest<'_>,
         meter: Option<&mut TokenMeter>,
     ) -> Attempt {
-        let backend = &self.backends[i];
+        let backend = &self.backends[target.index];
         // The owner comes first: peers only get the slots beyond the reserved ones, and never
         // wait for one, so a local burst turns peers away at once.
         if req.from_peer
@@ -216,15 +229,23 @@ impl LocalRelay {
             .backend_in_flight
             .with_label_values(&[&backend.config.name]);
         gauge.set(backend.in_flight() as i64);
-        let header = match upstream_request(s.req_header(), backend, req) {
+        let (path, body, translator) = if target.translate {
+            match translate::ollama_to_openai(req.path, &req.body) {
+                Ok(t) => (t.path, t.body, Some(t.response)),
+                Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
+            }
+        } else {
+            (req.path, req.body.clone(), None)
+        };
+        let header = match upstream_request(s.req_header(), backend, req, path, body.len()) {
             Ok(h) => h,
             Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
         };
-        let sent = self.upstream.send(backend.peer(), &header, &req.body).await;
+        let sent = self.upstream.send(backend.peer(), &header, &body).await;
         let attempt = match sent {
             Ok(rsp) => {
                 let stop = req.stop.take();
-                Attempt::Done(relay_response(&self.upstream, s, rsp, stop, meter).await)
+                Attempt::Done(relay_response(&self.upstream, s, rsp, stop, meter, translator).await)
             }
             Err(SendError::Timeout { .. }) => {
                 let e = ApiError::timeout(format!(
@@ -299,15 +320,60 @@ impl LocalRelay {
     }
 
     /// Local backends for `model`, best first, refreshing the catalog once on a miss.
-    pub async fn ranked(&self, model: &str, dialect: Dialect) -> Result<Vec<usize>, NoRoute> {
-        let snapshot = self.catalog.snapshot();
-        if snapshot.knows(model) {
-            return self.rank(model, dialect, &snapshot);
+    ///
+    /// An Ollama-dialect request for a model only OpenAI-compatible backends have is served by
+    /// them through [`translate`], after the backends that speak Ollama natively.
+    pub async fn ranked(
+        &self,
+        model: &str,
+        dialect: Dialect,
+        path: &str,
+    ) -> Result<Vec<Target>, NoRoute> {
+        let mut snapshot = self.catalog.snapshot();
+        if !snapshot.knows(model) {
+            // Nobody lists it (yet): the model may have been pulled a moment ago, or the first
+            // listing may still be on its way. Never route on a guess when a refresh can tell.
+            snapshot = self.catalog.refresh_if_older(MISS_REFRESH_MIN_AGE).await;
         }
-        // Nobody lists it (yet): the model may have been pulled a moment ago, or the first
-        // listing may still be on its way. Never route on a guess when a refresh can tell.
-        let fresh = self.catalog.refresh_if_older(MISS_REFRESH_MIN_AGE).await;
-        self.rank(model, dialect, &fresh)
+        let native = self.rank(model, dialect, &snapshot);
+        let native_targets = |r: &Result<Vec<usize>, NoRoute>| -> Vec<Target> {
+            r.as_ref()
+                .map(|v| {
+                    v.iter()
+                        .map(|&index| Target {
+                            index,
+                            translate: false,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if dialect != Dialect::Ollama || !translate::translatable(path) {
+            return native.map(|v| {
+                v.into_iter()
+                    .map(|index| Target {
+                        index,
+                        translate: false,
+                    })
+                    .collect()
+            });
+        }
+        let mut targets = native_targets(&native);
+        if let Ok(openai) = self.rank(model, Dialect::OpenAi, &snapshot) {
+            targets.extend(
+                openai
+                    .into_iter()
+                    .filter(|&i| self.backends[i].config.kind == crate::config::BackendKind::Openai)
+                    .map(|index| Target {
+                        index,
+                        translate: true,
+                    }),
+            );
+        }
+        match native {
+            Err(e) if targets.is_empty() => Err(e),
+            _ => Ok(targets),
+        }
     }
 
     fn rank(
@@ -353,10 +419,21 @@ pub async fn relay_response(
     mut rsp: UpstreamResponse,
     mut stop: Option<watch::Receiver<bool>>,
     mut meter: Option<&mut TokenMeter>,
+    mut translate: Option<ResponseTranslator>,
 ) -> Outcome {
     let status = rsp.header().status.as_u16();
-    let stream_dialect = stream_dialect(rsp.header());
-    let header = downstream_response(rsp.header());
+    let mut header = downstream_response(rsp.header());
+    let stream_dialect = match translate.as_mut() {
+        Some(t) => {
+            t.upstream_status(status);
+            // The body changes length and shape: chunked, in the client's dialect.
+            header.remove_header(&header::CONTENT_LENGTH);
+            let _ = header.insert_header(header::CONTENT_TYPE, t.content_type());
+            let _ = header.insert_header(header::TRANSFER_ENCODING, "chunked");
+            Some(Dialect::Ollama)
+        }
+        None => stream_dialect(rsp.header()),
+    };
     let chunked = !header.headers.contains_key(header::CONTENT_LENGTH);
     let mut outcome = Outcome {
         status,
@@ -384,6 +461,10 @@ pub async fn relay_response(
                 if let Some(m) = meter.as_deref_mut() {
                     m.observe(&chunk);
                 }
+                let chunk = match translate.as_mut() {
+                    Some(t) => t.chunk(&chunk),
+                    None => chunk,
+                };
                 if s.write_response_body(chunk, false).await.is_err() {
                     // The client left; dropping `rsp` closes the backend connection, which
                     // makes the backend stop generating.
@@ -392,7 +473,10 @@ pub async fn relay_response(
                 }
             }
             Ok(None) => {
-                outcome.reusable = s.write_response_body(Bytes::new(), true).await.is_ok();
+                let tail = translate
+                    .as_mut()
+                    .map_or_else(Bytes::new, ResponseTranslator::finish);
+                outcome.reusable = s.write_response_body(tail, true).await.is_ok();
                 upstream.release(rsp).await;
                 return outcome;
             }
@@ -477,10 +561,12 @@ fn upstream_request(
     client: &RequestHeader,
     backend: &Backend,
     req: &ModelRequest<'_>,
+    path: &str,
+    body_len: usize,
 ) -> Result<RequestHeader, ApiError> {
     let path_and_query = match client.uri.query() {
-        Some(q) => format!("{}?{q}", req.path),
-        None => req.path.to_string(),
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
     };
     let target = backend.upstream_path(&path_and_query);
     let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
@@ -512,7 +598,7 @@ fn upstream_request(
     }
     h.insert_header(header::HOST, backend.config.url.authority.as_str())
         .map_err(internal)?;
-    h.insert_header(header::CONTENT_LENGTH, req.body.len().to_string())
+    h.insert_header(header::CONTENT_LENGTH, body_len.to_string())
         .map_err(internal)?;
     if let Some(key) = api_key {
         h.insert_header(header::AUTHORIZATION, format!("Bearer {}", key.0))

@@ -178,12 +178,65 @@ fn listings_merge_every_backend_in_both_dialects() {
 }
 
 #[test]
-fn ollama_dialect_for_an_openai_only_model_says_where_it_lives() {
+fn ollama_clients_reach_an_openai_only_model_through_translation() {
     let s = setup();
+    // Streamed chat: SSE from the backend, NDJSON to the client, counts from the usage chunk.
     let rsp = s.node.post(
         "/api/chat",
-        &json!({"model": "smollm2-135m", "messages": []}),
+        &json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "one two three"}]}),
     );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert!(rsp
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/x-ndjson")));
+    let lines: Vec<serde_json::Value> = rsp
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("ndjson line"))
+        .collect();
+    assert_eq!(lines.len(), 9, "8 tokens and a done line: {lines:?}");
+    assert_eq!(lines[0]["message"]["content"], "tok0 ");
+    assert_eq!(lines[8]["done"], true);
+    assert_eq!(lines[8]["prompt_eval_count"], 3);
+    assert_eq!(lines[8]["eval_count"], 8);
+    let sent = s
+        .openai
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path == "/v1/chat/completions")
+        .expect("translated request");
+    assert_eq!(
+        sent.json().expect("json")["stream_options"]["include_usage"],
+        true
+    );
+
+    // Non-streamed generate, and both embedding endpoints.
+    let rsp = s.node.post(
+        "/api/generate",
+        &json!({"model": "smollm2-135m", "prompt": "hi", "stream": false}),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert_eq!(rsp.json()["done"], true);
+    assert!(rsp.json()["response"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("tok0")));
+    let rsp = s.node.post(
+        "/api/embed",
+        &json!({"model": "smollm2-135m", "input": ["a", "b c"]}),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert_eq!(rsp.json()["embeddings"].as_array().map(Vec::len), Some(2));
+    let rsp = s.node.post(
+        "/api/embeddings",
+        &json!({"model": "smollm2-135m", "prompt": "a"}),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert!(rsp.json()["embedding"].is_array());
+    assert_eq!(s.ollama.hits(), 0);
+
+    // /api/show has no OpenAI counterpart: still a clear 404.
+    let rsp = s.node.post("/api/show", &json!({"model": "smollm2-135m"}));
     assert_eq!(rsp.status, 404);
     assert!(
         rsp.json()["error"]
@@ -192,7 +245,6 @@ fn ollama_dialect_for_an_openai_only_model_says_where_it_lives() {
         "{}",
         rsp.text()
     );
-    assert_eq!(s.openai.hits(), 0);
 }
 
 #[test]

@@ -310,3 +310,46 @@ fn a_peer_cannot_make_the_owner_load_a_model_beyond_the_guest_vram_budget() {
     );
     assert_eq!(b.backend.hits(), 2);
 }
+
+#[test]
+fn an_ollama_request_is_translated_for_a_peer_that_only_speaks_openai() {
+    let a = ark(&["llama3.1:8b"], 4, |c| c);
+    let backend_b =
+        FakeBackend::start_in_thread(IpAddr::V4(loopback_ip()), FakeConfig::openai(&["smollm2"]));
+    let b = Ark {
+        node: NodeProc::start(&NodeSpec::with_backend(BackendSpec::openai(
+            backend_b.url(),
+        ))),
+        backend: backend_b,
+    };
+    share(&b, &a, &["smollm2"], 2);
+    let tags = a.node.get("/api/tags").json();
+    assert!(
+        tags["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .any(|m| m["name"] == "smollm2"),
+        "{tags}"
+    );
+    let rsp = a.node.post(
+        "/api/chat",
+        &json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    let lines = rsp.lines();
+    let last: Value = serde_json::from_str(lines.last().expect("lines")).expect("ndjson");
+    assert_eq!(last["done"], true, "{lines:?}");
+    assert_eq!(last["eval_count"], 8);
+    assert_eq!(b.backend.hits(), 1);
+    let seen = b
+        .backend
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path == "/v1/chat/completions")
+        .expect("b's backend got OpenAI");
+    assert!(seen
+        .json()
+        .is_some_and(|v| v["messages"][0]["content"] == "hi"));
+}

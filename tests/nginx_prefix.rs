@@ -230,6 +230,16 @@ fn admin_changes_through_nginx_need_the_token_and_loopback_needs_none() {
         assert_eq!(http::get(front, "/arknet/peers/approved").status, 200);
     }
 
+    // Straight from loopback, but with a forwarding header (a proxy on this host): token needed.
+    let rsp = http::request(
+        node.api,
+        "POST",
+        "/peers/approve",
+        &[json_ct, ("X-Forwarded-For", "127.0.0.1")],
+        &approve_body(&direct, &direct_key),
+    );
+    assert_eq!(rsp.status, 401, "{}", rsp.text());
+
     // Straight to the node from loopback, no forwarding header: no token needed.
     let rsp = http::request(
         node.api,

@@ -26,6 +26,8 @@ use crate::peers::{PeerTable, Source};
 /// Interface name prefixes treated as tunnels: not used for mDNS unless named explicitly
 /// (WireGuard peers are found through the tunnel's peer list instead).
 const TUNNEL_PREFIXES: [&str; 4] = ["wg", "tun", "tap", "utun"];
+/// How often advertised nodes that did not answer their hello yet are tried again.
+const RETRY_UNVERIFIED: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The mDNS discovery source, run by Pingora as a background service.
 pub struct MdnsDiscovery {
@@ -61,13 +63,15 @@ impl BackgroundService for MdnsDiscovery {
             }
         };
         tracing::info!(service = SERVICE_TYPE, interfaces = ?self.interfaces, "mDNS discovery started");
-        let mut seen: HashMap<String, PublicKey> = HashMap::new();
+        let mut state = Records::default();
+        let mut retry = tokio::time::interval(RETRY_UNVERIFIED);
         loop {
             tokio::select! {
                 event = events.recv_async() => match event {
-                    Ok(event) => self.on_event(event, &mut seen).await,
+                    Ok(event) => self.on_event(event, &mut state).await,
                     Err(_) => break,
                 },
+                _ = retry.tick() => self.retry_unverified(&mut state).await,
                 _ = shutdown.changed() => break,
             }
         }
@@ -125,7 +129,7 @@ impl MdnsDiscovery {
         Ok(daemon)
     }
 
-    async fn on_event(&self, event: ServiceEvent, seen: &mut HashMap<String, PublicKey>) {
+    async fn on_event(&self, event: ServiceEvent, state: &mut Records) {
         match event {
             ServiceEvent::ServiceResolved(info) => {
                 let Some(claimed) = info.txt_properties.get_property_val_str("pk") else {
@@ -146,31 +150,18 @@ impl MdnsDiscovery {
                 let mut addrs: Vec<IpAddr> =
                     info.addresses.iter().map(|a| a.to_ip_addr()).collect();
                 addrs.sort_by_key(|a| (a.is_ipv6(), *a));
-                for ip in addrs {
-                    let endpoint = SocketAddr::new(ip, info.port);
-                    match self.client.hello(endpoint, Some(&key)).await {
-                        Ok(h) => {
-                            self.peers.sighted(
-                                h.key,
-                                Source::Mdns,
-                                node_id.clone(),
-                                Some(endpoint.to_string()),
-                            );
-                            seen.insert(info.fullname.clone(), h.key);
-                            return;
-                        }
-                        Err(HelloError::Spoof(what)) => {
-                            tracing::warn!(record = %info.fullname, %what, "mDNS record refused as a spoof");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::debug!(%endpoint, error = %e, "mDNS peer not reachable there")
-                        }
-                    }
-                }
+                let record = Record {
+                    key,
+                    node_id,
+                    addrs,
+                    port: info.port,
+                };
+                state.unverified.insert(info.fullname.clone(), record);
+                self.verify(&info.fullname, state).await;
             }
             ServiceEvent::ServiceRemoved(_, fullname) => {
-                if let Some(key) = seen.remove(&fullname) {
+                state.unverified.remove(&fullname);
+                if let Some(key) = state.seen.remove(&fullname) {
                     tracing::info!(record = %fullname, "mDNS peer said goodbye");
                     self.peers.gone(&key, Source::Mdns);
                 }
@@ -178,6 +169,61 @@ impl MdnsDiscovery {
             _ => {}
         }
     }
+
+    /// Says hello to an advertised node; lists it once its key is proven. A node that does not
+    /// answer yet stays unverified and is tried again on the next tick; a spoof is dropped.
+    async fn verify(&self, fullname: &str, state: &mut Records) {
+        let Some(record) = state.unverified.get(fullname).cloned() else {
+            return;
+        };
+        for ip in &record.addrs {
+            let endpoint = SocketAddr::new(*ip, record.port);
+            match self.client.hello(endpoint, Some(&record.key)).await {
+                Ok(h) => {
+                    self.peers.sighted(
+                        h.key,
+                        Source::Mdns,
+                        record.node_id.clone(),
+                        Some(endpoint.to_string()),
+                    );
+                    state.unverified.remove(fullname);
+                    state.seen.insert(fullname.to_string(), h.key);
+                    return;
+                }
+                Err(HelloError::Spoof(what)) => {
+                    tracing::warn!(record = %fullname, %what, "mDNS record refused as a spoof");
+                    state.unverified.remove(fullname);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%endpoint, error = %e, "mDNS peer not reachable there (yet)")
+                }
+            }
+        }
+    }
+
+    async fn retry_unverified(&self, state: &mut Records) {
+        let names: Vec<String> = state.unverified.keys().cloned().collect();
+        for name in names {
+            self.verify(&name, state).await;
+        }
+    }
+}
+
+/// A resolved `_arknet._tcp` record: what it claims.
+#[derive(Debug, Clone)]
+struct Record {
+    key: PublicKey,
+    node_id: Option<String>,
+    addrs: Vec<IpAddr>,
+    port: u16,
+}
+
+/// Records by mDNS full name: proven ones (with the key proven) and ones still to prove.
+#[derive(Default)]
+struct Records {
+    seen: HashMap<String, PublicKey>,
+    unverified: HashMap<String, Record>,
 }
 
 /// Names of the tunnel interfaces present now.
