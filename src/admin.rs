@@ -216,10 +216,13 @@ async fn guard_mutations(
 }
 
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    // Auth schemes are case-insensitive (RFC 9110 §11.1).
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
     else {
         return false;
     };
@@ -609,7 +612,7 @@ mod tests {
             "POST",
             "/peers/approve",
             "192.168.1.5:5000",
-            &[("authorization", "Bearer secret")],
+            &[("authorization", "bearer secret")],
             &body,
         )
         .await;
