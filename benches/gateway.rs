@@ -1,15 +1,18 @@
-//! Load benchmark: the same fake backend served directly, through nginx, and through arknet.
+//! Load benchmark: the same fake backend served directly, through nginx, through arknet, and
+//! through two arknet nodes joined by the mutual-TLS mesh (client -> node A's API -> mesh ->
+//! node B's mesh listener -> B's backend).
 //!
 //! One run, interleaved: every round runs each scenario against each target (in a rotating
-//! order), so machine noise lands on all three alike; the tables report medians across rounds
+//! order), so machine noise lands on all of them alike; the tables report medians across rounds
 //! and ratios. Run with `cargo bench --bench gateway`; see `benches/README.md` for the knobs.
 //!
 //! Everything listens on 127.0.0.0/8 only, every child process is ended by its own PID (also
-//! when the bench panics), and the whole run is bounded (about 2 minutes by default).
+//! when the bench panics), and the whole run is bounded (about 2.5 minutes by default).
 
 #[path = "../tests/support/fake_backend.rs"]
 mod fake_backend;
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,6 +28,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 const MODEL: &str = "bench-model";
+/// The only model of node A's own backend: A must reach `MODEL` through the mesh.
+const OTHER_MODEL: &str = "other-model";
+/// Requests node B lets node A have in flight; above every scenario's concurrency, or A would
+/// answer 503 when its grant is used up.
+const MESH_GRANT: usize = 256;
+/// `max_concurrent` of every arknet backend; above every scenario's concurrency.
+const BACKEND_SLOTS: usize = 1024;
 /// Tokens per reply: SSE streams carry this many content chunks; JSON replies this many tokens.
 const CHUNKS: usize = 64;
 const NGINX: &str = "/usr/sbin/nginx";
@@ -36,6 +46,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pause between two measured runs, so closing connections settle.
 const SETTLE: Duration = Duration::from_millis(100);
+/// The issue's target for the mesh hop: added p50 at c=1 with connection reuse.
+const MESH_HOP_TARGET_MS: f64 = 0.3;
 
 #[derive(Clone, Copy)]
 struct Scenario {
@@ -61,6 +73,14 @@ const SCENARIOS: [Scenario; 3] = [
         concurrency: 32,
     },
 ];
+
+const _: () = {
+    let mut i = 0;
+    while i < SCENARIOS.len() {
+        assert!(SCENARIOS[i].concurrency < MESH_GRANT && MESH_GRANT <= BACKEND_SLOTS);
+        i += 1;
+    }
+};
 
 /// Knobs, from the environment, clamped so the run stays bounded.
 struct Settings {
@@ -111,24 +131,51 @@ fn main() {
             .chunks(CHUNKS)
             .chunk_delay(Duration::ZERO),
     );
+    // Node A's own backend: another model, so A has a local backend but must use the mesh.
+    let other_backend = FakeBackend::start_in_thread(
+        IpAddr::V4(ip),
+        FakeConfig::both(&[OTHER_MODEL]).record(false),
+    );
     let nginx = start_nginx(ip, backend.addr);
-    let arknet = start_arknet(ip, &backend.url(), settings.arknet_threads);
+    // Node B is both the 1-hop target (its API listener) and the far end of the 2-hop one (its
+    // mesh listener); the runs never overlap, so each measures one path at a time.
+    let mut node_b = start_arknet("arknet B", ip, &backend.url(), settings.arknet_threads);
+    node_b.proc.wait_ready();
+    let mut node_a = start_arknet(
+        "arknet A",
+        ip,
+        &other_backend.url(),
+        settings.arknet_threads,
+    );
+    join_mesh(&mut node_a, &mut node_b);
 
     let targets = [
         Target {
             name: "direct",
             addr: backend.addr,
-            pid: None,
+            pids: Vec::new(),
+            watch: Vec::new(),
         },
         Target {
             name: "nginx",
             addr: nginx.addr,
-            pid: Some(nginx.pid()),
+            pids: vec![nginx.pid()],
+            watch: vec![("nginx->backend", backend.addr)],
         },
         Target {
             name: "arknet",
-            addr: arknet.addr,
-            pid: Some(arknet.pid()),
+            addr: node_b.proc.addr,
+            pids: vec![node_b.proc.pid()],
+            watch: vec![("arknet->backend", backend.addr)],
+        },
+        Target {
+            name: "arknet 2-hop",
+            addr: node_a.proc.addr,
+            pids: vec![node_a.proc.pid(), node_b.proc.pid()],
+            watch: vec![
+                ("2-hop A->B mesh", node_b.mesh),
+                ("2-hop B->backend", backend.addr),
+            ],
         },
     ];
 
@@ -167,9 +214,9 @@ fn main() {
     let total = started.elapsed();
 
     let mut nginx = nginx;
-    let mut arknet = arknet;
     nginx.assert_alive();
-    arknet.assert_alive();
+    node_a.proc.assert_alive();
+    node_b.proc.assert_alive();
     let report = render_report(
         &settings,
         &targets,
@@ -178,15 +225,18 @@ fn main() {
             clk_tck,
             total,
             nginx_threads: thread_count(nginx.pid()),
-            arknet_threads: thread_count(arknet.pid()),
+            arknet_threads: thread_count(node_b.proc.pid()),
+            arknet_a_threads: thread_count(node_a.proc.pid()),
             backend_workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
         },
     );
     io::stdout()
         .write_all(report.as_bytes())
         .expect("write report to stdout");
-    drop(arknet);
+    drop(node_a);
+    drop(node_b);
     drop(nginx);
+    drop(other_backend);
     drop(backend);
 }
 
@@ -197,8 +247,12 @@ fn main() {
 struct Target {
     name: &'static str,
     addr: SocketAddr,
-    /// The proxy process whose CPU time is measured; `None` for the in-process backend.
-    pid: Option<u32>,
+    /// The proxy processes whose CPU time is measured, in hop order; none for the in-process
+    /// backend.
+    pids: Vec<u32>,
+    /// Servers behind the proxy whose new inbound TCP connections are counted during each run:
+    /// (label, listening address).
+    watch: Vec<(&'static str, SocketAddr)>,
 }
 
 /// A child process ended by its own PID (SIGKILL) when dropped, panics included.
@@ -299,15 +353,31 @@ fn start_nginx(ip: Ipv4Addr, backend: SocketAddr) -> Proc {
     proc
 }
 
-/// The built release `arknet` with a generated config: one Ollama-kind backend, room for 1024
-/// requests in flight, everything else at its default.
-fn start_arknet(ip: Ipv4Addr, backend_url: &str, threads: Option<usize>) -> Proc {
+/// A running `arknet serve`: the process (its API listener is `proc.addr`) and its mesh listener.
+struct Node {
+    proc: Proc,
+    mesh: SocketAddr,
+}
+
+/// The built release `arknet` with a generated config: one Ollama-kind backend with room for
+/// `BACKEND_SLOTS` requests in flight, all of them open to peers (`reserved_local_slots = 0`),
+/// the mesh listener on the bench address, a hello every second, everything else at its
+/// default. Returns once `/health` answers; the caller waits for the models it needs.
+fn start_arknet(
+    name: &'static str,
+    ip: Ipv4Addr,
+    backend_url: &str,
+    threads: Option<usize>,
+) -> Node {
     let dir = tempfile::tempdir().expect("arknet tempdir");
     let addr = SocketAddr::from((ip, free_port(ip)));
+    let mesh = SocketAddr::from((ip, free_port(ip)));
     let threads = threads.map_or(String::new(), |t| format!("threads = {t}\n"));
     let conf = format!(
-        "data_dir = {:?}\n\n[api]\nlisten = \"{addr}\"\n{threads}\n[[backends]]\nname = \"bench\"\n\
-         kind = \"ollama\"\nurl = {backend_url:?}\nmax_concurrent = 1024\n",
+        "data_dir = {:?}\n\n[api]\nlisten = \"{addr}\"\n{threads}\n\
+         [mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = 1\n\n\
+         [[backends]]\nname = \"bench\"\nkind = \"ollama\"\nurl = {backend_url:?}\n\
+         max_concurrent = {BACKEND_SLOTS}\nreserved_local_slots = 0\n",
         dir.path().join("data").display().to_string()
     );
     let conf_path = dir.path().join("arknet.toml");
@@ -324,7 +394,7 @@ fn start_arknet(ip: Ipv4Addr, backend_url: &str, threads: Option<usize>) -> Proc
         .spawn()
         .expect("spawn arknet");
     let mut proc = Proc {
-        name: "arknet",
+        name,
         addr,
         child,
         log,
@@ -336,14 +406,126 @@ fn start_arknet(ip: Ipv4Addr, backend_url: &str, threads: Option<usize>) -> Proc
         proc.assert_alive();
         assert!(
             Instant::now() < deadline,
-            "arknet /health not 200 within {READY_TIMEOUT:?}; log:\n{}",
+            "{name} /health not 200 within {READY_TIMEOUT:?}; log:\n{}",
             proc.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // /health answers before the model catalog has listed the backend; wait for a real reply.
-    proc.wait_ready();
-    proc
+    Node { proc, mesh }
+}
+
+/// Joins A and B through the admin API: B approves A sharing `MODEL` with a grant of
+/// `MESH_GRANT`, A approves B (sharing nothing). Then waits (bounded) until A lists `MODEL`,
+/// learnt from B's hello, and a chat through A answers 200.
+fn join_mesh(a: &mut Node, b: &mut Node) {
+    let identity = |node: &Node| {
+        let health = admin_json(node, "GET", "/health", None);
+        let field = |key: &str| {
+            health[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no {key} in /health: {health}", node.proc.name))
+                .to_string()
+        };
+        (field("node_id"), field("public_key"))
+    };
+    let approve = |on: &Node, peer: &Node, models: &[&str], grant: usize| {
+        let (node_id, public_key) = identity(peer);
+        let body = serde_json::json!({
+            "node_id": node_id,
+            "public_key": public_key,
+            "endpoint": peer.mesh.to_string(),
+            "permissions": {"models_shared": models, "max_concurrent_requests": grant},
+        });
+        admin_json(on, "POST", "/peers/approve", Some(&body));
+    };
+    approve(b, a, &[MODEL], MESH_GRANT);
+    approve(a, b, &[], 1);
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        a.proc.assert_alive();
+        b.proc.assert_alive();
+        let listed = http_call(a.proc.addr, "GET", "/v1/models", None)
+            .filter(|(status, _)| *status == 200)
+            .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok())
+            .and_then(|v| {
+                v["data"]
+                    .as_array()
+                    .map(|models| models.iter().any(|m| m["id"] == MODEL))
+            })
+            .unwrap_or(false);
+        if listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "arknet A does not list {MODEL} (from B's hello) within {READY_TIMEOUT:?}; \
+             A's log:\n{}\nB's log:\n{}",
+            a.proc.log(),
+            b.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.proc.wait_ready();
+}
+
+/// One admin call that must answer 200 with JSON.
+fn admin_json(
+    node: &Node,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let body = body.map(serde_json::Value::to_string);
+    let (status, reply) = http_call(node.proc.addr, method, path, body.as_deref())
+        .unwrap_or_else(|| panic!("{}: {method} {path}: no answer", node.proc.name));
+    let text = String::from_utf8_lossy(&reply);
+    assert_eq!(status, 200, "{}: {method} {path}: {text}", node.proc.name);
+    serde_json::from_slice(&reply).unwrap_or_else(|e| {
+        panic!(
+            "{}: {method} {path}: not JSON ({e}): {text}",
+            node.proc.name
+        )
+    })
+}
+
+/// One blocking `Connection: close` exchange with an optional JSON body: (status, body), the
+/// body de-chunked if needed; `None` on any failure.
+fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, Vec<u8>)> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let body = body.unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let head_len = find(&raw, b"\r\n\r\n")?;
+    let head = parse_head(&raw[..head_len]).ok()?;
+    let mut rest = &raw[head_len + 4..];
+    if !head.chunked {
+        return Some((head.status, rest.to_vec()));
+    }
+    let mut out = Vec::new();
+    loop {
+        let line = find(rest, b"\r\n")?;
+        let size = parse_chunk_size(&rest[..line]).ok()?;
+        rest = rest.get(line + 2..)?;
+        if size == 0 {
+            return Some((head.status, out));
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
 }
 
 /// One loopback address per bench process, away from the test harness's 127.20-219.x.x range.
@@ -413,21 +595,24 @@ fn stat_ticks(path: &Path) -> Option<(String, u64)> {
     Some((comm, utime + stime))
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct CpuTicks {
-    /// The proxy process (all its threads).
-    proxy: u64,
+    /// Each proxy process (all its threads), in the target's order.
+    proxy: Vec<u64>,
     /// Threads of this process running the fake backend.
     backend: u64,
     /// Every other thread of this process: the load generator.
     client: u64,
 }
 
-fn cpu_ticks(proxy: Option<u32>) -> CpuTicks {
+fn cpu_ticks(proxies: &[u32]) -> CpuTicks {
     let mut ticks = CpuTicks {
-        proxy: proxy
-            .and_then(|pid| stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))))
-            .map_or(0, |(_, t)| t),
+        proxy: proxies
+            .iter()
+            .map(|pid| {
+                stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |(_, t)| t)
+            })
+            .collect(),
         ..CpuTicks::default()
     };
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
@@ -442,6 +627,61 @@ fn cpu_ticks(proxy: Option<u32>) -> CpuTicks {
         }
     }
     ticks
+}
+
+/// TCP connections to one server, from `/proc/net/tcp`, each named by its client end (address
+/// and port as printed there).
+#[derive(Default)]
+struct TcpClients {
+    /// In any state but LISTEN, seen from either end: a connection that shows up in a later
+    /// snapshot but not in an earlier one was opened in between. TIME_WAIT entries last 60 s, so
+    /// connections opened and closed in between are seen too (unless the kernel reused the same
+    /// client port for the same server meanwhile: an undercount).
+    all: HashSet<(u32, u16)>,
+    /// ESTABLISHED at either end.
+    established: HashSet<(u32, u16)>,
+}
+
+fn tcp_clients(server: SocketAddr) -> TcpClients {
+    let mut out = TcpClients::default();
+    let SocketAddr::V4(server) = server else {
+        return out;
+    };
+    let ip = u32::from_ne_bytes(server.ip().octets());
+    let port = server.port();
+    let parse = |field: &str| -> Option<(u32, u16)> {
+        let (a, p) = field.split_once(':')?;
+        Some((
+            u32::from_str_radix(a, 16).ok()?,
+            u16::from_str_radix(p, 16).ok()?,
+        ))
+    };
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().take(4).collect();
+        let (Some(local), Some(remote), Some(&state)) = (
+            fields.get(1).and_then(|f| parse(f)),
+            fields.get(2).and_then(|f| parse(f)),
+            fields.get(3),
+        ) else {
+            continue;
+        };
+        // 0A is LISTEN, 01 ESTABLISHED.
+        let client = if state == "0A" {
+            continue;
+        } else if local == (ip, port) {
+            remote
+        } else if remote == (ip, port) {
+            local
+        } else {
+            continue;
+        };
+        if state == "01" {
+            out.established.insert(client);
+        }
+        out.all.insert(client);
+    }
+    out
 }
 
 fn thread_count(pid: u32) -> Option<u64> {
@@ -464,10 +704,15 @@ struct Run {
     elapsed: Duration,
     /// Sorted latencies in ns: whole exchange for JSON, time to first body byte for SSE.
     latencies: Vec<u64>,
-    /// CPU seconds spent during the run.
-    proxy_cpu: f64,
+    /// CPU seconds spent during the run, per proxy process in the target's order.
+    proxy_cpu: Vec<f64>,
     backend_cpu: f64,
     client_cpu: f64,
+    /// TCP connections opened during the run to each of the target's watched servers.
+    opened: Vec<u64>,
+    /// TCP connections to each watched server established at the end of the run: shows that the
+    /// count above looked at the right sockets.
+    seen: Vec<u64>,
 }
 
 impl Run {
@@ -512,7 +757,12 @@ async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_t
     drop(ready_tx);
     while ready_rx.recv().await.is_some() {}
 
-    let before = cpu_ticks(target.pid);
+    let clients_before: Vec<HashSet<(u32, u16)>> = target
+        .watch
+        .iter()
+        .map(|(_, server)| tcp_clients(*server).all)
+        .collect();
+    let before = cpu_ticks(&target.pids);
     let start = Instant::now();
     start_tx
         .send(Some(start + duration))
@@ -522,9 +772,11 @@ async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_t
         errors: 0,
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
-        proxy_cpu: 0.0,
+        proxy_cpu: Vec::new(),
         backend_cpu: 0.0,
         client_cpu: 0.0,
+        opened: Vec::new(),
+        seen: Vec::new(),
     };
     while let Some(joined) = workers.join_next().await {
         let stats = joined.expect("bench worker panicked");
@@ -533,10 +785,20 @@ async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_t
         run.latencies.extend(stats.latencies);
     }
     run.elapsed = start.elapsed();
-    let after = cpu_ticks(target.pid);
+    let after = cpu_ticks(&target.pids);
+    for ((_, server), before) in target.watch.iter().zip(&clients_before) {
+        let after = tcp_clients(*server);
+        run.opened.push(after.all.difference(before).count() as u64);
+        run.seen.push(after.established.len() as u64);
+    }
     run.latencies.sort_unstable();
     let secs = |a: u64, b: u64| a.saturating_sub(b) as f64 / clk_tck;
-    run.proxy_cpu = secs(after.proxy, before.proxy);
+    run.proxy_cpu = after
+        .proxy
+        .iter()
+        .zip(&before.proxy)
+        .map(|(a, b)| secs(*a, *b))
+        .collect();
     run.backend_cpu = secs(after.backend, before.backend);
     run.client_cpu = secs(after.client, before.client);
     run
@@ -818,7 +1080,9 @@ struct Context {
     clk_tck: f64,
     total: Duration,
     nginx_threads: Option<u64>,
+    /// Node B's: the 1-hop target and the far end of the 2-hop one.
     arknet_threads: Option<u64>,
+    arknet_a_threads: Option<u64>,
     backend_workers: usize,
 }
 
@@ -846,12 +1110,19 @@ struct Summary {
     p99: f64,
     errors: u64,
     done: u64,
+    /// All the target's proxy processes together.
     proxy_us: f64,
+    /// Each proxy process, in the target's order.
+    proxy_parts_us: Vec<f64>,
     backend_us: f64,
     client_us: f64,
+    /// Connections opened per run to each watched server.
+    opened: Vec<f64>,
+    /// Connections established at the end of a run, per watched server.
+    seen: Vec<f64>,
 }
 
-fn summarize(runs: &[Run]) -> Summary {
+fn summarize(runs: &[Run], target: &Target) -> Summary {
     let rates: Vec<f64> = runs.iter().map(Run::rate).collect();
     Summary {
         rate: median(rates.clone()),
@@ -861,7 +1132,20 @@ fn summarize(runs: &[Run]) -> Summary {
         p99: median(runs.iter().map(|r| r.percentile_ms(99.0)).collect()),
         errors: runs.iter().map(|r| r.errors).sum(),
         done: runs.iter().map(|r| r.done).sum(),
-        proxy_us: median(runs.iter().map(|r| r.per_request_us(r.proxy_cpu)).collect()),
+        proxy_us: median(
+            runs.iter()
+                .map(|r| r.per_request_us(r.proxy_cpu.iter().sum()))
+                .collect(),
+        ),
+        proxy_parts_us: (0..target.pids.len())
+            .map(|p| {
+                median(
+                    runs.iter()
+                        .map(|r| r.per_request_us(r.proxy_cpu.get(p).copied().unwrap_or(f64::NAN)))
+                        .collect(),
+                )
+            })
+            .collect(),
         backend_us: median(
             runs.iter()
                 .map(|r| r.per_request_us(r.backend_cpu))
@@ -872,6 +1156,24 @@ fn summarize(runs: &[Run]) -> Summary {
                 .map(|r| r.per_request_us(r.client_cpu))
                 .collect(),
         ),
+        opened: (0..target.watch.len())
+            .map(|w| {
+                median(
+                    runs.iter()
+                        .map(|r| r.opened.get(w).map_or(f64::NAN, |n| *n as f64))
+                        .collect(),
+                )
+            })
+            .collect(),
+        seen: (0..target.watch.len())
+            .map(|w| {
+                median(
+                    runs.iter()
+                        .map(|r| r.seen.get(w).map_or(f64::NAN, |n| *n as f64))
+                        .collect(),
+                )
+            })
+            .collect(),
     }
 }
 
@@ -910,22 +1212,31 @@ fn render_report(
     );
     let _ = writeln!(
         out,
-        "limits: these {cpus} CPU(s) are shared by the client (1 thread), the fake backend ({} tokio \
-         workers), nginx (1 worker process, master_process off; {} threads) and arknet (api threads \
-         {arknet_cfg}; {} threads in all). Absolute numbers are capped by that sharing; compare ratios.",
+        "limits: these {cpus} CPU(s) are shared by the client (1 thread), the fake backends ({} tokio \
+         workers each), nginx (1 worker process, master_process off; {} threads) and two arknet \
+         nodes (api threads {arknet_cfg}; B {} threads, A {} threads in all). Absolute numbers are \
+         capped by that sharing; compare ratios.",
         ctx.backend_workers,
         threads(ctx.nginx_threads),
         threads(ctx.arknet_threads),
+        threads(ctx.arknet_a_threads),
+    );
+    let _ = writeln!(
+        out,
+        "targets: direct = client -> fake backend; nginx = client -> nginx -> backend; arknet = \
+         client -> node B's API -> backend (1 hop); arknet 2-hop = client -> node A's API -> mTLS \
+         mesh -> node B's mesh listener -> backend (A has only another model)."
     );
     let _ = writeln!(
         out,
         "JSON rows: latency of the whole exchange. SSE rows: rate is streams/s, p50/p99 are time to \
-         first body byte. CPU from /proc utime+stime at CLK_TCK={} (getconf), per request/stream.\n",
+         first body byte. CPU from /proc utime+stime at CLK_TCK={} (getconf), per request/stream; \
+         the 2-hop proxy column is A + B.\n",
         ctx.clk_tck
     );
     let _ = writeln!(
         out,
-        "{:<20} {:<7} {:>10} {:>19} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9}",
+        "{:<20} {:<12} {:>10} {:>19} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9}",
         "scenario",
         "target",
         "rate/s",
@@ -939,25 +1250,31 @@ fn render_report(
     );
     let _ = writeln!(
         out,
-        "{:<20} {:<7} {:>10} {:>19} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9}",
+        "{:<20} {:<12} {:>10} {:>19} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9}",
         "", "", "", "", "", "", "", "us CPU", "us CPU", "us CPU"
     );
     let summaries: Vec<Vec<Summary>> = results
         .iter()
-        .map(|per_target| per_target.iter().map(|runs| summarize(runs)).collect())
+        .map(|per_target| {
+            per_target
+                .iter()
+                .zip(targets)
+                .map(|(runs, target)| summarize(runs, target))
+                .collect()
+        })
         .collect();
     let measured = |s: usize| results[s].iter().all(|runs| !runs.is_empty());
     for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
         for (t, target) in targets.iter().enumerate() {
             let m = &summaries[s][t];
-            let proxy = if target.pid.is_some() {
-                format!("{:.1}", m.proxy_us)
-            } else {
+            let proxy = if target.pids.is_empty() {
                 "-".to_string()
+            } else {
+                format!("{:.1}", m.proxy_us)
             };
             let _ = writeln!(
                 out,
-                "{:<20} {:<7} {:>10.0} {:>19} {:>9.3} {:>9.3} {:>7} {:>8} {:>9.1} {:>9.1}",
+                "{:<20} {:<12} {:>10.0} {:>19} {:>9.3} {:>9.3} {:>7} {:>8} {:>9.1} {:>9.1}",
                 scenario.name,
                 target.name,
                 m.rate,
@@ -1010,6 +1327,102 @@ fn render_report(
             am.rate / nm.rate
         );
     }
+
+    let hop = find_target("arknet 2-hop");
+    if let Some(h) = hop {
+        let _ = writeln!(
+            out,
+            "\nmesh hop: arknet 2-hop (client -> A -> mTLS -> B -> backend) vs arknet 1-hop (client \
+             -> B -> backend)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8}",
+            "scenario",
+            "2-hop +p50",
+            "2-hop +p99",
+            "2-hop/1-hop",
+            "2-hop/direct",
+            "1-hop CPU",
+            "2-hop CPU",
+            "of it A",
+            "of it B"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8}",
+            "",
+            "(ms, added)",
+            "(ms, added)",
+            "(rate)",
+            "(rate)",
+            "us/req",
+            "us/req",
+            "us/req",
+            "us/req"
+        );
+        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let (dm, am, hm) = (&summaries[s][d], &summaries[s][a], &summaries[s][h]);
+            let part = |p: usize| hm.proxy_parts_us.get(p).copied().unwrap_or(f64::NAN);
+            let _ = writeln!(
+                out,
+                "{:<20} {:>12.3} {:>12.3} {:>12.2} {:>12.2} {:>10.1} {:>10.1} {:>8.1} {:>8.1}",
+                scenario.name,
+                hm.p50 - am.p50,
+                hm.p99 - am.p99,
+                hm.rate / am.rate,
+                hm.rate / dm.rate,
+                am.proxy_us,
+                hm.proxy_us,
+                part(0),
+                part(1)
+            );
+        }
+    }
+
+    let watched: Vec<(usize, usize, &'static str)> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(t, target)| {
+            target
+                .watch
+                .iter()
+                .enumerate()
+                .map(move |(w, (label, _))| (t, w, *label))
+        })
+        .collect();
+    if !watched.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nTCP connections opened during a timed run (median of rounds; /proc/net/tcp: client \
+             ports not seen before the run; the load client's own connections are opened before it)"
+        );
+        let mut header = format!("{:<20}", "scenario");
+        for (_, _, label) in &watched {
+            let _ = write!(header, " {label:>17}");
+        }
+        let _ = writeln!(out, "{header}");
+        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let mut row = format!("{:<20}", scenario.name);
+            for (t, w, _) in &watched {
+                let m = &summaries[s][*t];
+                let runs = results[s][*t].len().max(1) as f64;
+                let per_run = m.done as f64 / runs;
+                let _ = write!(
+                    row,
+                    " {:>17}",
+                    format!("{:.0}/{:.0} of {:.0}", m.opened[*w], m.seen[*w], per_run)
+                );
+            }
+            let _ = writeln!(out, "{row}");
+        }
+        let _ = writeln!(
+            out,
+            "(\"N/S of M\": N connections opened during a run of M requests/streams on average, S \
+             established to that server (from any client) at its end; N near 0 means pooled connections were reused)"
+        );
+    }
+
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let _ = writeln!(out);
     if measured(0) {
@@ -1021,6 +1434,15 @@ fn render_report(
              nginx's: {} ({gap:+.3} ms)",
             verdict(gap <= 0.1)
         );
+        if let Some(h) = hop {
+            let added = summaries[0][h].p50 - summaries[0][a].p50;
+            let _ = writeln!(
+                out,
+                "issue target (informational, never a failure): c=1 mesh hop (2-hop minus 1-hop) \
+                 adds under {MESH_HOP_TARGET_MS} ms p50: {} ({added:+.3} ms)",
+                verdict(added < MESH_HOP_TARGET_MS)
+            );
+        }
     }
     if measured(1) {
         let ratio = summaries[1][a].rate / summaries[1][n].rate;
@@ -1038,10 +1460,21 @@ fn render_report(
             .iter()
             .enumerate()
             .filter(|(s, _)| measured(*s))
-            .map(|(s, sc)| format!(
-                "{} {:.1} us (nginx {:.1} us)",
-                sc.name, summaries[s][a].proxy_us, summaries[s][n].proxy_us
-            ))
+            .map(|(s, sc)| {
+                let hop = hop.map_or(String::new(), |h| {
+                    let m = &summaries[s][h];
+                    format!(
+                        ", 2-hop {:.1} us = A {:.1} + B {:.1}",
+                        m.proxy_us,
+                        m.proxy_parts_us.first().copied().unwrap_or(f64::NAN),
+                        m.proxy_parts_us.get(1).copied().unwrap_or(f64::NAN)
+                    )
+                });
+                format!(
+                    "{} {:.1} us (nginx {:.1} us{hop})",
+                    sc.name, summaries[s][a].proxy_us, summaries[s][n].proxy_us
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     );
