@@ -13,7 +13,7 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use support::fake_backend::{FakeBackend, FakeConfig};
 use support::grid::{assert_eventually, free_port, loopback_ip, BackendSpec, NodeProc, NodeSpec};
 use support::mesh::{self, As};
 use support::nginx::Nginx;
+use support::process::try_run_bounded;
 
 /// The browser binary (Debian package `chromium`); `ARKNET_CHROMIUM` overrides it.
 const DEFAULT_CHROMIUM: &str = "/usr/bin/chromium";
@@ -57,7 +58,7 @@ fn setup_browser() -> Result<Browser, String> {
             chromium.display()
         ));
     }
-    let node = run_bounded(
+    let node = try_run_bounded(
         {
             let mut c = Command::new("node");
             c.arg("--version");
@@ -103,7 +104,7 @@ fn setup_browser() -> Result<Browser, String> {
         let mut npm = Command::new("npm");
         npm.args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(&dir);
-        let out = run_bounded(npm, Duration::from_secs(300)).map_err(|e| {
+        let out = try_run_bounded(npm, Duration::from_secs(300)).map_err(|e| {
             format!("npm ci in tests/browser: {e}; install npm (Debian: apt-get install -y npm)")
         })?;
         if !out.status.success() {
@@ -118,45 +119,6 @@ fn setup_browser() -> Result<Browser, String> {
         );
     }
     Ok(Browser { chromium })
-}
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` to completion; kills it by its PID if it outlives `within`.
-fn run_bounded(mut cmd: Command, within: Duration) -> Result<Output, String> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{cmd:?} still running after {within:?}, killed; stdout:\n{}\nstderr:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default(),
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Ok(Output {
-        status,
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-    })
 }
 
 /// `<target>/admin-page-screenshots/<test>`, emptied.
@@ -199,7 +161,8 @@ fn browser_step(shots: &Path, mut args: Value, logs: &[&NodeProc]) {
     }
     cmd.env("NO_PROXY", "*").env("no_proxy", "*");
     let started = Instant::now();
-    let out = run_bounded(cmd, STEP_LIMIT).unwrap_or_else(|e| panic!("browser step {step}: {e}"));
+    let out =
+        try_run_bounded(cmd, STEP_LIMIT).unwrap_or_else(|e| panic!("browser step {step}: {e}"));
     eprint!("{}", out.stdout);
     let node_logs: String = logs
         .iter()

@@ -9,49 +9,15 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::fake_backend::{FakeBackend, FakeConfig};
-use support::grid::{assert_eventually, loopback_ip, BackendSpec, NodeProc, NodeSpec};
+use support::grid::{assert_eventually, loopback_ip, share, Ark, BackendSpec, NodeProc, NodeSpec};
 use support::http;
-
-struct Ark {
-    backend: FakeBackend,
-    node: NodeProc,
-}
 
 fn ark(
     models: &[&str],
     max_concurrent: usize,
     config: impl FnOnce(FakeConfig) -> FakeConfig,
 ) -> Ark {
-    let backend =
-        FakeBackend::start_in_thread(IpAddr::V4(loopback_ip()), config(FakeConfig::both(models)));
-    let node = NodeProc::start(&NodeSpec::with_backend(
-        BackendSpec::ollama(backend.url()).max_concurrent(max_concurrent),
-    ));
-    Ark { backend, node }
-}
-
-/// `a` approves `b` (sharing `models`) and waits until `b` sees `a`'s offer of `model`.
-fn share(a: &Ark, b: &Ark, models: &[&str], grant: u32) {
-    a.node.approve(&b.node, models, grant);
-    b.node.approve(&a.node, &[], 1);
-    let a_id = a.node.node_id();
-    assert_eventually(
-        Duration::from_secs(10),
-        "b learns a's shared models by hello",
-        || {
-            b.node.get("/peers/status").json()["peers"]
-                .as_array()
-                .is_some_and(|ps| {
-                    ps.iter().any(|p| {
-                        p["node_id"] == a_id.as_str()
-                            && p["reachable"] == true
-                            && !p["models_shared_with_us"]
-                                .as_array()
-                                .is_none_or(Vec::is_empty)
-                    })
-                })
-        },
-    );
+    Ark::start(config(FakeConfig::both(models)), max_concurrent)
 }
 
 fn chat(model: &str) -> Value {

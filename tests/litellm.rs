@@ -9,16 +9,17 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::fake_backend::{FakeBackend, FakeConfig};
-use support::grid::{assert_eventually, free_port, loopback_ip, BackendSpec, NodeProc, NodeSpec};
+use support::fake_backend::FakeConfig;
+use support::grid::{assert_eventually, free_port, loopback_ip, share, Ark, NodeProc};
 use support::http;
+use support::process::run_bounded;
 
 /// What clients send LiteLLM (`general_settings.master_key` in conf/litellm.yaml).
 const MASTER_KEY: &str = "sk-arknet-litellm-test";
@@ -81,70 +82,16 @@ fn venv() -> &'static Venv {
 /// keys or database picked up from it, nothing fetched at start (bundled cost map, offline
 /// Hugging Face hub, no telemetry).
 fn offline_env(cmd: &mut Command) {
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "OPENAI_BASE_URL",
-        "OPENAI_API_BASE",
-        "OPENAI_API_KEY",
-        "ANTHROPIC_API_KEY",
-        "DATABASE_URL",
-        "LITELLM_LICENSE",
-        "REDIS_HOST",
-        "REDIS_URL",
-    ] {
+    support::process::loopback_only_env(cmd);
+    for var in ["DATABASE_URL", "LITELLM_LICENSE", "REDIS_HOST", "REDIS_URL"] {
         cmd.env_remove(var);
     }
-    cmd.env("NO_PROXY", "*")
-        .env("no_proxy", "*")
-        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    cmd.env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         .env("LITELLM_TELEMETRY", "False")
         .env("LITELLM_DONT_SHOW_FEEDBACK_BOX", "True")
         .env("HF_HUB_OFFLINE", "1")
         .env("TRANSFORMERS_OFFLINE", "1")
         .env("PYTHONUNBUFFERED", "1");
-}
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` to completion, killing it by its PID if it outlives `within`.
-fn run_bounded(mut cmd: Command, within: Duration) -> Output {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} still running after {within:?}; stderr:\n{}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-    }
 }
 
 /// conf/litellm.yaml with every api_base pointed at `node`'s API.
@@ -295,48 +242,14 @@ fn run_client(venv: &Venv, litellm: &LiteLlm, plain: &str, listed: &str) -> Valu
         .unwrap_or_else(|e| panic!("client summary is not JSON ({e}): {}", out.stdout))
 }
 
-struct Ark {
-    backend: FakeBackend,
-    node: NodeProc,
-}
-
-/// A node with one fake backend serving `models` (as tests/grid_routing.rs sets them up).
+/// A node with one fake backend serving `models`, paced so streams are visibly incremental.
 fn ark(models: &[&str]) -> Ark {
-    let backend = FakeBackend::start_in_thread(
-        IpAddr::V4(loopback_ip()),
+    Ark::start(
         FakeConfig::both(models)
             .chunks(CHUNKS)
             .chunk_delay(Duration::from_millis(40)),
-    );
-    let node = NodeProc::start(&NodeSpec::with_backend(
-        BackendSpec::ollama(backend.url()).max_concurrent(4),
-    ));
-    Ark { backend, node }
-}
-
-/// `a` approves `b` (sharing `models`), `b` approves `a`; waits until `b` sees `a` reachable
-/// with models shared with it.
-fn share(a: &Ark, b: &Ark, models: &[&str], grant: u32) {
-    a.node.approve(&b.node, models, grant);
-    b.node.approve(&a.node, &[], 1);
-    let a_id = a.node.node_id();
-    assert_eventually(
-        Duration::from_secs(10),
-        "b learns a's shared models by hello",
-        || {
-            b.node.get("/peers/status").json()["peers"]
-                .as_array()
-                .is_some_and(|ps| {
-                    ps.iter().any(|p| {
-                        p["node_id"] == a_id.as_str()
-                            && p["reachable"] == true
-                            && !p["models_shared_with_us"]
-                                .as_array()
-                                .is_none_or(Vec::is_empty)
-                    })
-                })
-        },
-    );
+        4,
+    )
 }
 
 fn audit(node: &NodeProc) -> Vec<Value> {

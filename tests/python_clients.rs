@@ -9,7 +9,7 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use serde_json::Value;
 use support::fake_backend::{FakeBackend, FakeConfig};
 use support::grid::{assert_eventually, free_port, loopback_ip, BackendSpec, NodeProc, NodeSpec};
 use support::http;
+use support::process::{loopback_only_env, run_bounded};
 
 const SMOLLM2: &str = "smollm2-135m";
 
@@ -86,62 +87,6 @@ fn venv() -> &'static Venv {
     match setup {
         Ok(venv) => venv,
         Err(e) => panic!("{e}"),
-    }
-}
-
-/// Client traffic stays on loopback: no proxy from the environment, no default hosts or keys.
-fn loopback_only_env(cmd: &mut Command) {
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "OPENAI_BASE_URL",
-        "OPENAI_API_KEY",
-        "OLLAMA_HOST",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_PROXY", "*").env("no_proxy", "*");
-}
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` to completion, killing it by its PID if it outlives `within`.
-fn run_bounded(mut cmd: Command, within: Duration) -> Output {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} still running after {within:?}; stderr:\n{}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
     }
 }
 

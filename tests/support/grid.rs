@@ -318,3 +318,48 @@ pub fn assert_eventually(within: Duration, what: &str, mut check: impl FnMut() -
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// A household: a node in front of its own fake model server.
+pub struct Ark {
+    pub backend: super::fake_backend::FakeBackend,
+    pub node: NodeProc,
+}
+
+impl Ark {
+    /// A fake backend with `config` on a fresh loopback address, and a node in front of it.
+    pub fn start(config: super::fake_backend::FakeConfig, max_concurrent: usize) -> Ark {
+        let backend = super::fake_backend::FakeBackend::start_in_thread(
+            std::net::IpAddr::V4(loopback_ip()),
+            config,
+        );
+        let node = NodeProc::start(&NodeSpec::with_backend(
+            BackendSpec::ollama(backend.url()).max_concurrent(max_concurrent),
+        ));
+        Ark { backend, node }
+    }
+}
+
+/// `a` approves `b` (sharing `models`, granting `grant`), `b` approves `a`; waits until `b`
+/// has learnt by hello that `a` is reachable and shares models with it.
+pub fn share(a: &Ark, b: &Ark, models: &[&str], grant: u32) {
+    a.node.approve(&b.node, models, grant);
+    b.node.approve(&a.node, &[], 1);
+    let a_id = a.node.node_id();
+    assert_eventually(
+        Duration::from_secs(10),
+        "b learns a's shared models by hello",
+        || {
+            b.node.get("/peers/status").json()["peers"]
+                .as_array()
+                .is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["node_id"] == a_id.as_str()
+                            && p["reachable"] == true
+                            && !p["models_shared_with_us"]
+                                .as_array()
+                                .is_none_or(Vec::is_empty)
+                    })
+                })
+        },
+    );
+}

@@ -9,3 +9,4 @@ pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod nginx;
+pub mod process;
