@@ -15,6 +15,7 @@ fn peers(n: usize) -> Vec<PeerView> {
     (0..n)
         .map(|i| PeerView {
             free_slots: i % 5,
+            hot: i % 2 == 0,
             our_in_flight: i % 3,
             grant: 4,
             latency_ms: (i % 17) as f64 * 0.7,

@@ -180,6 +180,7 @@ impl Grid {
                 addr,
                 view: PeerView {
                     free_slots: offer["free_slots"].as_u64().unwrap_or(0) as usize,
+                    hot: offer["loaded"].as_bool().unwrap_or(false),
                     our_in_flight: out.grant as usize - out.slots.available_permits(),
                     grant: out.grant as usize,
                     latency_ms: status.latency_ms.unwrap_or(f64::MAX),

@@ -82,7 +82,8 @@ impl Handler for Mesh {
             }
         };
         if path == HELLO_PATH {
-            return reply_json(s, 200, &self.hello(peer)).await.reusable;
+            let hello = self.hello(peer).await;
+            return reply_json(s, 200, &hello).await.reusable;
         }
         let started_at = std::time::SystemTime::now();
         let mut meter = TokenMeter::default();
@@ -241,7 +242,8 @@ impl Mesh {
     }
 
     /// Hello for one approved peer: only what is shared with it.
-    fn hello(&self, peer: &ApprovedPeer) -> Value {
+    async fn hello(&self, peer: &ApprovedPeer) -> Value {
+        let loaded = self.relay.loaded_models().await;
         let (in_flight, grant) = self
             .peers
             .runtime(&peer.public_key)
@@ -256,7 +258,8 @@ impl Mesh {
                 .filter(|m| authz::shares(peer, m))
                 .map(|m| {
                     let free = own_free.min(self.relay.free_slots(&m));
-                    json!({"name": m, "free_slots": free, "dialects": self.relay.dialects_of(&m)})
+                    let hot = loaded.iter().any(|l| crate::routing::model_matches(l, &m));
+                    json!({"name": m, "free_slots": free, "loaded": hot, "dialects": self.relay.dialects_of(&m)})
                 })
                 .collect()
         } else {

@@ -270,6 +270,33 @@ impl LocalRelay {
         attempt
     }
 
+    /// Models loaded in memory now on the Ollama backends (`/api/ps`); OpenAI-compatible servers
+    /// do not say, so their models count as not loaded.
+    pub async fn loaded_models(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for b in self
+            .backends
+            .iter()
+            .filter(|b| b.config.kind == crate::config::BackendKind::Ollama)
+        {
+            let path = b.upstream_path("/api/ps");
+            if let Ok(ps) = self
+                .upstream
+                .get_json(b.peer(), &b.config.url.authority, &path)
+                .await
+            {
+                names.extend(
+                    ps["models"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|m| m["name"].as_str().map(str::to_string)),
+                );
+            }
+        }
+        names
+    }
+
     /// Whether a peer may make `backend` serve `model` under the owner's VRAM budget for guests:
     /// yes when the model is already loaded, or when loading it keeps the loaded total within
     /// the budget (sizes from `/api/ps` and `/api/tags`, else the config's static table).

@@ -75,6 +75,8 @@ pub fn rank(
 pub struct PeerView {
     /// Free slots for us it reported in its last hello.
     pub free_slots: usize,
+    /// The model is loaded in memory there (hot): no load time before the first token.
+    pub hot: bool,
     /// Requests we have in flight to it now.
     pub our_in_flight: usize,
     /// Requests it lets us have in flight.
@@ -86,10 +88,11 @@ pub struct PeerView {
 }
 
 /// Indices of the peers worth trying, best first: never one at the concurrency it grants us;
-/// then those with free slots before those without, most free slots relative to the grant,
-/// lower latency, fewer recent failures.
+/// then those with free slots before those without, hot (model loaded) before cold, most free
+/// slots relative to the grant, lower latency, fewer recent failures.
 pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
-    let mut ranked: Vec<(bool, std::cmp::Reverse<u64>, u64, u32, usize)> = peers
+    type Key = (bool, bool, std::cmp::Reverse<u64>, u64, u32, usize);
+    let mut ranked: Vec<Key> = peers
         .iter()
         .enumerate()
         .filter(|(_, p)| p.grant > 0 && p.our_in_flight < p.grant)
@@ -99,6 +102,7 @@ pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
             let latency_us = (p.latency_ms.max(0.0) * 1000.0) as u64;
             (
                 free == 0,
+                !p.hot,
                 std::cmp::Reverse(ratio),
                 latency_us,
                 p.failures,
@@ -107,7 +111,7 @@ pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
         })
         .collect();
     ranked.sort_unstable();
-    ranked.into_iter().map(|r| r.4).collect()
+    ranked.into_iter().map(|r| r.5).collect()
 }
 
 #[cfg(test)]
@@ -188,11 +192,31 @@ mod tests {
     fn peer(free: usize, ours: usize, grant: usize, latency_ms: f64, failures: u32) -> PeerView {
         PeerView {
             free_slots: free,
+            hot: false,
             our_in_flight: ours,
             grant,
             latency_ms,
             failures,
         }
+    }
+
+    #[test]
+    fn a_hot_peer_goes_before_a_cold_one_with_more_room() {
+        let cold = peer(4, 0, 4, 1.0, 0);
+        let hot = PeerView {
+            hot: true,
+            ..peer(1, 0, 4, 9.0, 0)
+        };
+        assert_eq!(rank_peers(&[cold, hot]), vec![1, 0]);
+        let busy_hot = PeerView {
+            hot: true,
+            ..peer(0, 0, 4, 1.0, 0)
+        };
+        assert_eq!(
+            rank_peers(&[busy_hot, cold]),
+            vec![1, 0],
+            "a free slot matters more than heat"
+        );
     }
 
     #[test]
