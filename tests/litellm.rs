@@ -11,7 +11,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use support::fake_backend::FakeConfig;
 use support::grid::{assert_eventually, free_port, loopback_ip, share, Ark, NodeProc};
 use support::http;
-use support::process::run_bounded;
+use support::process::{run_bounded, Daemon};
 
 /// What clients send LiteLLM (`general_settings.master_key` in conf/litellm.yaml).
 const MASTER_KEY: &str = "sk-arknet-litellm-test";
@@ -108,9 +108,7 @@ fn config_for(node: SocketAddr) -> String {
 
 /// A `litellm` proxy child, killed by its own PID when dropped (also on panic).
 struct LiteLlm {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
+    daemon: Daemon,
     _dir: tempfile::TempDir,
 }
 
@@ -121,8 +119,6 @@ impl LiteLlm {
         std::fs::write(&config_path, config).expect("write litellm.yaml");
         let ip = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)));
-        let log = dir.path().join("litellm.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(venv.bin("litellm"));
         cmd.arg("--config")
             .arg(&config_path)
@@ -135,65 +131,21 @@ impl LiteLlm {
             .args(["--telemetry", "False", "--num_workers", "1"])
             .current_dir(dir.path())
             .env("HOME", dir.path())
-            .env("LITELLM_MASTER_KEY", MASTER_KEY)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log fd"))
-            .stderr(log_file);
+            .env("LITELLM_MASTER_KEY", MASTER_KEY);
         offline_env(&mut cmd);
-        let child = cmd.spawn().expect("spawn litellm");
-        let mut proxy = LiteLlm {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        };
+        let mut daemon = Daemon::spawn("litellm", cmd, addr, dir.path().join("litellm.log"));
         let started = Instant::now();
-        proxy.wait_ready(Duration::from_secs(180));
+        // /health/liveliness answers 200 once the app has started.
+        daemon.wait_http_ok("/health/liveliness", Duration::from_secs(180), "");
         eprintln!(
             "litellm: ready in {:.1} s on {addr}",
             started.elapsed().as_secs_f64()
         );
-        proxy
-    }
-
-    /// Bounded poll of `/health/liveliness` (200 once the app has started).
-    fn wait_ready(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        let probe = b"GET /health/liveliness HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "litellm exited before it was ready ({status}); log:\n{}",
-                    self.log_text()
-                );
-            }
-            if http::try_send_raw(self.addr, probe, Duration::from_secs(2))
-                .is_ok_and(|r| r.status == 200)
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "litellm not ready within {within:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        LiteLlm { daemon, _dir: dir }
     }
 
     fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for LiteLlm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        format!("http://{}/v1", self.daemon.addr)
     }
 }
 
@@ -236,7 +188,7 @@ fn run_client(venv: &Venv, litellm: &LiteLlm, plain: &str, listed: &str) -> Valu
         out.status,
         out.stderr,
         out.stdout,
-        litellm.log_text()
+        litellm.daemon.log_text()
     );
     serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("client summary is not JSON ({e}): {}", out.stdout))
@@ -327,7 +279,7 @@ fn litellm_with_the_shipped_config_serves_a_model_only_a_peer_has() {
         "messages": [{"role": "user", "content": "stream through litellm"}]});
     let auth = format!("Bearer {MASTER_KEY}");
     let rsp = http::request(
-        litellm.addr,
+        litellm.daemon.addr,
         "POST",
         "/v1/chat/completions",
         &[
@@ -341,7 +293,7 @@ fn litellm_with_the_shipped_config_serves_a_model_only_a_peer_has() {
         200,
         "{}\nlitellm log:\n{}",
         rsp.text(),
-        litellm.log_text()
+        litellm.daemon.log_text()
     );
     assert!(
         rsp.header("content-type")

@@ -9,15 +9,14 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::fake_backend::{FakeBackend, FakeConfig};
 use support::grid::{assert_eventually, free_port, loopback_ip, BackendSpec, NodeProc, NodeSpec};
-use support::http;
-use support::process::{loopback_only_env, run_bounded};
+use support::process::{loopback_only_env, run_bounded, Daemon};
 
 const SMOLLM2: &str = "smollm2-135m";
 
@@ -207,9 +206,7 @@ fn official_openai_and_ollama_clients_work_against_a_node_with_an_ollama_backend
 
 /// A `llama-server` child, killed by its own PID when dropped (also on panic).
 struct LlamaServer {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
+    daemon: Daemon,
     _dir: tempfile::TempDir,
 }
 
@@ -219,10 +216,8 @@ impl LlamaServer {
         let ip = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)));
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("llama-server.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(venv.bin("llama-server-vulkan"))
-            .arg("-m")
+        let mut cmd = Command::new(venv.bin("llama-server-vulkan"));
+        cmd.arg("-m")
             .arg(&gguf)
             .args([
                 "--host",
@@ -231,61 +226,24 @@ impl LlamaServer {
                 &addr.port().to_string(),
             ])
             .args(["-t", "2", "-c", "2048", "--alias", SMOLLM2])
-            .args(["--embeddings", "--pooling", "mean"])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log fd"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn llama-server-vulkan");
-        let mut server = LlamaServer {
-            child,
+            .args(["--embeddings", "--pooling", "mean"]);
+        let mut daemon = Daemon::spawn(
+            "llama-server",
+            cmd,
             addr,
-            log,
-            _dir: dir,
-        };
-        server.wait_healthy(Duration::from_secs(120));
-        server
-    }
-
-    /// Bounded poll of `/health` (503 while the model loads, 200 when ready).
-    fn wait_healthy(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        let probe = b"GET /health HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "llama-server exited before it was ready ({status}; SIGILL = a build for \
-                     another CPU); log:\n{}",
-                    self.log_text()
-                );
-            }
-            if http::try_send_raw(self.addr, probe, Duration::from_secs(2))
-                .is_ok_and(|r| r.status == 200)
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "llama-server not healthy within {within:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            dir.path().join("llama-server.log"),
+        );
+        // /health answers 503 while the model loads, 200 when ready.
+        daemon.wait_http_ok(
+            "/health",
+            Duration::from_secs(120),
+            "; SIGILL = a build for another CPU",
+        );
+        LlamaServer { daemon, _dir: dir }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        format!("http://{}", self.daemon.addr)
     }
 }
 

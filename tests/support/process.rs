@@ -69,3 +69,75 @@ pub fn loopback_only_env(cmd: &mut Command) {
     }
     cmd.env("NO_PROXY", "*").env("no_proxy", "*");
 }
+
+/// A long-running helper server (llama-server, litellm) on a loopback address, its output in a
+/// log file, ended by its own PID when dropped.
+pub struct Daemon {
+    name: &'static str,
+    pub addr: std::net::SocketAddr,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Spawns `cmd` (which must listen on `addr`) with stdout and stderr into `log`.
+    pub fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        addr: std::net::SocketAddr,
+        log: std::path::PathBuf,
+    ) -> Daemon {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Daemon {
+            name,
+            addr,
+            child,
+            log,
+        }
+    }
+
+    /// Bounded poll until `GET path` answers 200; panics with the log if the process exits
+    /// first (`hint` says what an early exit usually means) or the time runs out.
+    pub fn wait_http_ok(&mut self, path: &str, within: Duration, hint: &str) {
+        let deadline = Instant::now() + within;
+        let probe = format!("GET {path} HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n");
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "{} exited before it was ready ({status}{hint}); log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if super::http::try_send_raw(self.addr, probe.as_bytes(), Duration::from_secs(2))
+                .is_ok_and(|r| r.status == 200)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {within:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
