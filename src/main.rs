@@ -120,6 +120,9 @@ struct ServeArgs {
     /// A peer's mesh endpoint to dial (repeatable); added to `discovery.static`.
     #[arg(long = "peer", value_name = "ADDR")]
     peers: Vec<std::net::SocketAddr>,
+    /// No mDNS at all (no multicast socket), whatever the config says.
+    #[arg(long)]
+    no_mdns: bool,
     /// Backend base URL (repeatable); replaces the config's `[[backends]]`.
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
@@ -180,6 +183,9 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
         config.mesh_listen = listen;
     }
     config.static_peers.extend(args.peers.iter().copied());
+    if args.no_mdns {
+        config.mdns = false;
+    }
     if args.backend_max_concurrent == 0 {
         return Err("--backend-max-concurrent must be at least 1".to_string());
     }
