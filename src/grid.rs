@@ -255,6 +255,7 @@ impl Grid {
             // Unread body: dropping the response closes that connection instead of pooling it.
             tracing::info!(peer = %c.node_id, status, "peer declined; trying the next candidate");
             if status == 429 || status == 503 {
+                self.peers.note_busy(&c.key, req.model);
                 return Attempt::Busy;
             }
             out.failures.fetch_add(1, Ordering::Relaxed);

@@ -514,6 +514,21 @@ impl PeerTable {
         self.lock().status.insert(key, status);
     }
 
+    /// A peer just turned a request for `model` away as busy: until its next hello says
+    /// otherwise, rank it as having no free slot for that model.
+    pub fn note_busy(&self, key: &PublicKey, model: &str) {
+        if let Some(status) = self.lock().status.get_mut(key) {
+            for m in &mut status.models {
+                if m["name"]
+                    .as_str()
+                    .is_some_and(|n| crate::routing::model_matches(n, model))
+                {
+                    m["free_slots"] = serde_json::json!(0);
+                }
+            }
+        }
+    }
+
     /// What the last hello to `key` found.
     pub fn status(&self, key: &PublicKey) -> PeerStatus {
         self.lock().status.get(key).cloned().unwrap_or_default()
@@ -682,6 +697,32 @@ mod tests {
             .map(|p| p.node_id)
             .collect();
         assert_eq!(ids, ["a", "hand", "c"]);
+    }
+
+    #[test]
+    fn a_busy_answer_zeroes_the_free_slots_until_the_next_hello() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = PeerTable::open(dir.path());
+        let key = PublicKey::from_bytes([5; 32]);
+        let models = vec![
+            serde_json::json!({"name": "m:latest", "free_slots": 3}),
+            serde_json::json!({"name": "other", "free_slots": 2}),
+        ];
+        table.set_status(
+            key,
+            PeerStatus {
+                reachable: true,
+                models,
+                ..PeerStatus::default()
+            },
+        );
+        table.note_busy(&key, "m");
+        let st = table.status(&key);
+        assert_eq!(st.models[0]["free_slots"], 0);
+        assert_eq!(
+            st.models[1]["free_slots"], 2,
+            "other models keep their count"
+        );
     }
 
     #[tokio::test]
