@@ -170,8 +170,7 @@ pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
         .fill(&mut raw)
         .map_err(|_| std::io::Error::other("no system randomness"))?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    crate::identity::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    crate::fsutil::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)?;
     Ok(token)
 }
 

@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod fsutil;
 pub mod gateway;
 pub mod grid;
 pub mod identity;

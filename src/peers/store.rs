@@ -156,7 +156,7 @@ impl ApprovedPeers {
             message: e.to_string(),
         })?;
         text.push('\n');
-        crate::identity::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| StoreError::Io {
+        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| StoreError::Io {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
