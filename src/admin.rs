@@ -39,7 +39,7 @@ use crate::gateway::NodeInfo;
 use crate::identity::PublicKey;
 use crate::peers::store::{ApprovedPeer, Permissions};
 use crate::peers::{ChangeError, PeerTable, Selector};
-use crate::session::{read_body, Outcome};
+use crate::session::{read_body_or_reply, Outcome};
 
 /// The admin page: one self-contained HTML file (no CDN, no build step), embedded in the
 /// binary. It calls the admin API with relative URLs, so it works at `/` and behind Nginx at
@@ -83,15 +83,10 @@ impl Admin {
 
     /// Serves one admin request from a Pingora session through the router.
     pub async fn serve(&self, s: &mut ServerSession, path: &str) -> Outcome {
-        let body = match read_body(s, MAX_ADMIN_BODY).await {
+        let body = match read_body_or_reply(s, MAX_ADMIN_BODY, crate::error::Dialect::OpenAi).await
+        {
             Ok(b) => b,
-            Err(e) => {
-                s.set_keepalive(None);
-                let mut out =
-                    crate::session::reply_error(s, crate::error::Dialect::OpenAi, &e).await;
-                out.reusable = false;
-                return out;
-            }
+            Err(outcome) => return outcome,
         };
         let req_header = s.req_header();
         let uri = match req_header.uri.query() {

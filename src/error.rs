@@ -143,6 +143,16 @@ impl ApiError {
         }
     }
 
+    /// What to answer when every candidate was tried and none answered: busy ones mean a retry
+    /// soon can succeed (503), otherwise the last failure (502), otherwise nobody had it (404).
+    pub fn exhausted(model: &str, busy: bool, last_failure: Option<String>) -> Self {
+        match (busy, last_failure) {
+            (true, _) => Self::busy(model),
+            (false, Some(detail)) => Self::backend_unreachable(detail),
+            (false, None) => Self::model_not_found(model),
+        }
+    }
+
     /// 504: the backend accepted the request but sent no response header in time.
     pub fn timeout(detail: impl Into<String>) -> Self {
         Self::new(504, "backend_timeout", detail)

@@ -39,9 +39,9 @@ use crate::grid::Grid;
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
 use crate::relay::{LocalRelay, ModelRequest};
-use crate::session::{read_body_or_reply, reply, reply_error, reply_json, Handler, Outcome};
+use crate::session::{read_model_request, reply, reply_error, reply_json, Handler, Outcome};
 use crate::upstream::Backend;
-use request::{classify, dialect_of, model_of, strip_prefix, Endpoint};
+use request::{classify, dialect_of, strip_prefix, Endpoint};
 
 /// Who this node is, for `/health` and hello.
 #[derive(Debug, Clone)]
@@ -148,13 +148,9 @@ impl Gateway {
         path: &str,
         started: Instant,
     ) -> Outcome {
-        let body = match read_body_or_reply(s, self.max_body_bytes, dialect).await {
-            Ok(body) => body,
+        let (body, model) = match read_model_request(s, self.max_body_bytes, dialect).await {
+            Ok(read) => read,
             Err(outcome) => return outcome,
-        };
-        let model = match model_of(&body) {
-            Ok(m) => m,
-            Err(e) => return reply_error(s, dialect, &e).await,
         };
         let req = ModelRequest {
             dialect,

@@ -133,13 +133,7 @@ impl Grid {
                     .inc();
             }
         }
-        let e = match failure {
-            Some(_) if busy => ApiError::busy(req.model),
-            Some(detail) => ApiError::backend_unreachable(detail),
-            None if busy => ApiError::busy(req.model),
-            None => ApiError::model_not_found(req.model),
-        };
-        reply_error(s, dialect, &e).await
+        reply_error(s, dialect, &ApiError::exhausted(req.model, busy, failure)).await
     }
 
     /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first.

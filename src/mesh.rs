@@ -28,14 +28,14 @@ use serde_json::{json, Value};
 use crate::audit::{AuditLog, Direction};
 use crate::error::{ApiError, Dialect};
 use crate::gateway::meter::TokenMeter;
-use crate::gateway::request::{classify, dialect_of, model_of, Endpoint};
+use crate::gateway::request::{classify, dialect_of, Endpoint};
 use crate::gateway::NodeInfo;
 use crate::grid::record_peer_request;
 use crate::metrics::Metrics;
 use crate::peers::store::ApprovedPeer;
 use crate::peers::{PeerTable, Source};
 use crate::relay::{LocalRelay, ModelRequest};
-use crate::session::{read_body_or_reply, reply_error, reply_json, Handler, Outcome};
+use crate::session::{read_model_request, reply_error, reply_json, Handler, Outcome};
 use authz::Denied;
 use tls::PeerIdentity;
 
@@ -87,20 +87,18 @@ impl Handler for Mesh {
         }
         let started_at = std::time::SystemTime::now();
         let mut meter = TokenMeter::default();
-        let outcome = {
-            match classify(&s.req_header().method, &path) {
-                Ok(Endpoint::ListModels(d)) => {
-                    let listing = self
-                        .relay
-                        .catalog()
-                        .snapshot()
-                        .listing_where(d, |m| authz::shares(peer, m));
-                    reply_json(s, 200, &listing).await
-                }
-                Ok(Endpoint::Model(d)) => self.infer(s, peer, d, &path, started, &mut meter).await,
-                Ok(_) => reply_error(s, dialect, &ApiError::no_route(&path)).await,
-                Err(e) => reply_error(s, dialect, &e).await,
+        let outcome = match classify(&s.req_header().method, &path) {
+            Ok(Endpoint::ListModels(d)) => {
+                let listing = self
+                    .relay
+                    .catalog()
+                    .snapshot()
+                    .listing_where(d, |m| authz::shares(peer, m));
+                reply_json(s, 200, &listing).await
             }
+            Ok(Endpoint::Model(d)) => self.infer(s, peer, d, &path, started, &mut meter).await,
+            Ok(_) => reply_error(s, dialect, &ApiError::no_route(&path)).await,
+            Err(e) => reply_error(s, dialect, &e).await,
         };
         let model = outcome.model.clone().unwrap_or_default();
         record_peer_request(
@@ -156,13 +154,9 @@ impl Mesh {
         let Some(runtime) = self.peers.runtime(&peer.public_key) else {
             return self.deny(s, dialect, &Denied::Unknown).await;
         };
-        let body = match read_body_or_reply(s, self.max_body_bytes, dialect).await {
-            Ok(body) => body,
+        let (body, model) = match read_model_request(s, self.max_body_bytes, dialect).await {
+            Ok(read) => read,
             Err(outcome) => return outcome,
-        };
-        let model = match model_of(&body) {
-            Ok(m) => m,
-            Err(e) => return reply_error(s, dialect, &e).await,
         };
         let permit = match authz::authorize(peer, &model) {
             Ok(permit) => permit,

@@ -192,12 +192,12 @@ impl LocalRelay {
                 Attempt::Failed(why) => last_failure = Some(why),
             }
         }
-        let e = match last_failure {
-            Some(detail) => ApiError::backend_unreachable(detail),
-            None if busy => ApiError::busy(req.model),
-            None => ApiError::model_not_found(req.model),
-        };
-        reply_error(s, dialect, &e).await
+        reply_error(
+            s,
+            dialect,
+            &ApiError::exhausted(req.model, busy, last_failure),
+        )
+        .await
     }
 
     /// Tries backend `i` for `req`.

@@ -138,6 +138,20 @@ pub async fn read_body_or_reply(
     }
 }
 
+/// Reads a model request's body and the model it names, answering the error itself when either
+/// is refused (413/400).
+pub async fn read_model_request(
+    s: &mut ServerSession,
+    limit: usize,
+    dialect: Dialect,
+) -> Result<(Bytes, String), Outcome> {
+    let body = read_body_or_reply(s, limit, dialect).await?;
+    match crate::gateway::request::model_of(&body) {
+        Ok(model) => Ok((body, model)),
+        Err(e) => Err(reply_error(s, dialect, &e).await),
+    }
+}
+
 /// Answers `e` as JSON in `dialect`, with `Retry-After` when it has one.
 pub async fn reply_error(s: &mut ServerSession, dialect: Dialect, e: &ApiError) -> Outcome {
     let retry = e.retry_after.map(|secs| ("retry-after", secs.to_string()));
