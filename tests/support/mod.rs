@@ -10,3 +10,4 @@ pub mod mesh;
 pub mod netns;
 pub mod nginx;
 pub mod process;
+pub mod python;
