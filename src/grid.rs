@@ -98,23 +98,25 @@ impl Grid {
     pub async fn serve(&self, s: &mut ServerSession, mut req: ModelRequest<'_>) -> Outcome {
         let dialect = req.dialect;
         let local = self.relay.ranked(req.model, dialect, req.path).await;
-        let peers = self.peer_candidates(req.model, dialect, req.path);
-        let local_order = local.as_ref().map_or_else(|_| Vec::new(), Clone::clone);
-        if local_order.is_empty() && peers.is_empty() {
-            let e = match local {
-                Err(no_route) => self.relay.no_route_error(req.model, no_route),
-                Ok(_) => ApiError::model_not_found(req.model),
-            };
-            return reply_error(s, dialect, &e).await;
-        }
         let mut busy = false;
         let mut failure = None;
-        for target in local_order {
+        for &target in local.as_deref().unwrap_or_default() {
             match self.relay.attempt(s, target, &mut req, None).await {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Busy => busy = true,
                 Attempt::Failed(why) => failure = Some(why),
             }
+        }
+        // Peers are looked at only when the node's own backends could not answer: most local
+        // requests never touch the peer table.
+        let peers = self.peer_candidates(req.model, dialect, req.path);
+        let had_local = local.as_ref().is_ok_and(|v| !v.is_empty());
+        if peers.is_empty() && !had_local {
+            let e = match local {
+                Err(no_route) => self.relay.no_route_error(req.model, no_route),
+                Ok(_) => ApiError::model_not_found(req.model),
+            };
+            return reply_error(s, dialect, &e).await;
         }
         if !peers.is_empty() {
             let body = match sanitize::for_peer(req.path, &req.body) {
