@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, AuditRecord, Direction};
 use crate::catalog::synthesized_entry;
 use crate::error::{ApiError, Dialect};
-use crate::gateway::meter::TokenMeter;
+use crate::gateway::meter::{TokenMeter, Tokens};
 use crate::gateway::sanitize;
 use crate::gateway::translate;
 use crate::identity::PublicKey;
@@ -268,7 +268,7 @@ impl Grid {
             &c.node_id,
             req.model,
             &outcome,
-            meter,
+            meter.finish_claimed(body.len()),
             started,
             started_at,
         );
@@ -361,11 +361,11 @@ pub fn record_peer_request(
     peer: &str,
     model: &str,
     outcome: &Outcome,
-    meter: TokenMeter,
+    tokens: Tokens,
     started: Instant,
     started_at: SystemTime,
 ) {
-    let (prompt, completion) = meter.finish();
+    let (prompt, completion) = (tokens.prompt, tokens.completion);
     let dir = match direction {
         Direction::Inbound => "inbound",
         Direction::Outbound => "outbound",
@@ -395,6 +395,8 @@ pub fn record_peer_request(
         status: outcome.status,
         prompt_tokens: prompt,
         completion_tokens: completion,
+        token_source: tokens.source,
+        claim_refused: tokens.claim_refused,
         ttft_ms: outcome
             .first_byte
             .map(|t| t.duration_since(started).as_secs_f64() * 1000.0),

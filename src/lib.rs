@@ -39,6 +39,7 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::admin::trust::HostPolicy;
 use crate::admin::{Admin, AdminState};
 use crate::audit::AuditLog;
 use crate::catalog::{Catalog, CatalogRefresh};
@@ -52,7 +53,7 @@ use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::peers::PeerTable;
 use crate::relay::LocalRelay;
-use crate::session::App;
+use crate::session::{App, BodyBudget, BodyLimits};
 use crate::upstream::{Backend, Upstream};
 
 /// Why a node could not start.
@@ -195,10 +196,22 @@ impl Node {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
         };
+        let budget = BodyBudget::new(config.max_bodies_in_flight_bytes);
+        let bodies = BodyLimits {
+            max_bytes: config.max_body_bytes,
+            budget: budget.clone(),
+        };
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+        let hosts = HostPolicy::new(&config.allowed_hosts, hostname.as_deref());
         let admin = Admin::new(Arc::new(AdminState {
             peers: peers.clone(),
             node: node.clone(),
             token,
+            hosts,
+            bodies: BodyLimits {
+                max_bytes: admin::MAX_ADMIN_BODY,
+                budget,
+            },
             audit: audit.clone(),
         }));
         let client = Arc::new(MeshClient::new(
@@ -223,6 +236,7 @@ impl Node {
             grid,
             admin,
             metrics.clone(),
+            bodies.clone(),
         );
         let mesh = Mesh::new(
             node,
@@ -231,7 +245,7 @@ impl Node {
             mesh_relay,
             audit,
             metrics.clone(),
-            config.max_body_bytes,
+            bodies,
         );
         let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {
             node_id: self.node_id.clone(),
@@ -262,14 +276,13 @@ impl Node {
 
         let mut server = Server::new_with_opt_and_conf(None, self.server_conf());
         server.bootstrap();
-        let mut api = Service::new("arknet api".to_string(), App(gateway));
+        let limits = config.connections.clone();
+        let api_app = App::new(gateway, limits.clone());
+        let mut api = Service::new("arknet api".to_string(), api_app);
         api.add_tcp(&config.api_listen.to_string());
-        let mut mesh_service = Service::new("arknet mesh".to_string(), App(mesh));
-        mesh_service.add_tls_with_settings(
-            &config.mesh_listen.to_string(),
-            None,
-            tls.server_settings()?,
-        );
+        let mesh_app = App::with_tls(mesh, limits, tls.server_acceptor()?);
+        let mut mesh_service = Service::new("arknet mesh".to_string(), mesh_app);
+        mesh_service.add_tcp(&config.mesh_listen.to_string());
         server.add_service(api);
         server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::peers::store::ApprovedPeer;
 use crate::peers::{PeerTable, Source};
 use crate::relay::{LocalRelay, ModelRequest};
-use crate::session::{read_model_request, reply_error, reply_json, Handler, Outcome};
+use crate::session::{read_model_request, reply_error, reply_json, BodyLimits, Handler, Outcome};
 use authz::Denied;
 use tls::PeerIdentity;
 
@@ -57,7 +57,7 @@ pub struct Mesh {
     relay: Arc<LocalRelay>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
-    max_body_bytes: usize,
+    bodies: BodyLimits,
 }
 
 #[async_trait]
@@ -108,7 +108,7 @@ impl Handler for Mesh {
             &peer.node_id,
             &model,
             &outcome,
-            meter,
+            meter.finish(),
             started,
             started_at,
         );
@@ -125,7 +125,7 @@ impl Mesh {
         relay: Arc<LocalRelay>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
-        max_body_bytes: usize,
+        bodies: BodyLimits,
     ) -> Self {
         Mesh {
             node,
@@ -134,7 +134,7 @@ impl Mesh {
             relay,
             audit,
             metrics,
-            max_body_bytes,
+            bodies,
         }
     }
 
@@ -154,10 +154,14 @@ impl Mesh {
         let Some(runtime) = self.peers.runtime(&peer.public_key) else {
             return self.deny(s, dialect, &Denied::Unknown).await;
         };
-        let (body, model) = match read_model_request(s, self.max_body_bytes, dialect).await {
+        let (body, model) = match read_model_request(s, &self.bodies, dialect).await {
             Ok(read) => read,
             Err(outcome) => return outcome,
         };
+        let crate::session::Body {
+            bytes: body,
+            lease: _lease,
+        } = body;
         let permit = match authz::authorize(peer, &model) {
             Ok(permit) => permit,
             Err(denied) => {

@@ -172,7 +172,7 @@ impl NodeProc {
             {
                 panic!("arknet exited early ({status}); log:\n{}", self.log());
             }
-            let probe = b"GET /health HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
+            let probe = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
             if http::try_send_raw(self.api, probe, Duration::from_secs(2))
                 .is_ok_and(|r| r.status == 200)
             {
@@ -297,7 +297,7 @@ impl Grid {
 
 fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &Path) -> String {
     let mut toml = format!(
-        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = 1\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = 1\nhandshake_timeout_secs = 3\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
         data_dir.display().to_string(),
         spec.extra_toml
     );
