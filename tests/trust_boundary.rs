@@ -619,3 +619,27 @@ fn a_hostile_peer_gets_nothing_but_its_status_and_stream_through_to_our_client()
         assert!(n < 1000.0, "a claimed count reached the metrics: {line}");
     }
 }
+
+#[test]
+fn a_local_body_that_is_not_utf8_json_is_refused_before_any_backend() {
+    let ark = Ark::start(FakeConfig::ollama(&["m"]), 4);
+    let mut body = br#"{"model":"m","messages":[{"role":"user","content":"caf"#.to_vec();
+    body.extend_from_slice(&[0xe9, 0xff]);
+    body.extend_from_slice(br#""}]}"#);
+    let rsp = http::request(
+        ark.node.api,
+        "POST",
+        "/api/chat",
+        &[("Content-Type", "application/json")],
+        &body,
+    );
+    assert_eq!(rsp.status, 400, "{}", rsp.text());
+    assert!(rsp.text().contains("UTF-8"), "{}", rsp.text());
+    let chats = ark
+        .backend
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/chat")
+        .count();
+    assert_eq!(chats, 0, "the backend saw the request");
+}
