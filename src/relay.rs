@@ -596,7 +596,8 @@ fn upstream_request(
         None => path.to_string(),
     };
     let target = backend.upstream_path(&path_and_query);
-    let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
+    // Our own header failed to build: our fault, not the client's.
+    let internal = |e: pingora::BError| ApiError::internal(format!("cannot forward: {e}"));
     let mut h = RequestHeader::build(
         client.method.clone(),
         target.as_bytes(),
