@@ -34,11 +34,14 @@ const RETRY_UNVERIFIED: Duration = Duration::from_secs(2);
 /// Hellos in flight at once. A LAN full of nodes starting together would otherwise ask for
 /// one TLS handshake per node in the same instant; the rest wait their turn, not a period.
 const MAX_VERIFYING: usize = 4;
-/// How often the browse is restarted (jittered), i.e. how soon a node whose announcements
-/// and answers were all lost is found anyway. mdns-sd spaces its own queries 1, 2, 4 … s
-/// apart up to an hour; each restart sends a query listing every record already known, so
-/// only nodes missing from it answer.
-const REBROWSE: Duration = Duration::from_secs(20);
+/// How often the browse is restarted anyway (jittered). mdns-sd spaces its own queries 1, 2,
+/// 4 … s apart up to an hour, so a node whose announcements and answers were all lost (a
+/// congested LAN, a Wi-Fi hiccup) would stay unknown that long. A restart sends a query that
+/// lists every record already known, so only nodes missing from it answer. It also happens
+/// at once when a node we have no record of connects to our mesh: it found us, we missed it.
+const REBROWSE: Duration = Duration::from_secs(300);
+/// How long a node may be connected to us without an mDNS record before we browse again.
+const MISSED_AFTER: Duration = Duration::from_secs(3);
 
 /// The mDNS discovery source, run by Pingora as a background service.
 pub struct MdnsDiscovery {
@@ -93,6 +96,9 @@ impl BackgroundService for MdnsDiscovery {
                 _ = tokio::time::sleep_until(retry_at) => {
                     retry_at = Instant::now() + jittered(RETRY_UNVERIFIED);
                     state.due.extend(state.unverified.keys().cloned());
+                    if self.missed_a_node(&mut state) {
+                        rebrowse_at = Instant::now();
+                    }
                 }
                 _ = tokio::time::sleep_until(rebrowse_at) => {
                     rebrowse_at = Instant::now() + jittered(REBROWSE);
@@ -195,6 +201,41 @@ impl MdnsDiscovery {
             }
             _ => {}
         }
+    }
+
+    /// Whether a node connected to our mesh that mDNS has given us no record of for
+    /// [`MISSED_AFTER`]. Each such node counts once: one that does not advertise at all (a
+    /// static peer across a router) must not make us query forever.
+    fn missed_a_node(&self, state: &mut Records) -> bool {
+        let known: HashSet<String> = state
+            .seen
+            .values()
+            .chain(state.unverified.values())
+            .map(|r| r.key.to_string())
+            .collect();
+        state.unexplained_since.retain(|k, _| !known.contains(k));
+        let now = Instant::now();
+        let mut missed = false;
+        for sighting in self.peers.discovered() {
+            let unexplained = sighting.sources.contains(&Source::Connect)
+                && !sighting.sources.contains(&Source::Mdns)
+                && !known.contains(&sighting.public_key);
+            if !unexplained || state.asked_about.contains(&sighting.public_key) {
+                continue;
+            }
+            // Its announcement may simply be on its way: a new node says hello as soon as it
+            // has heard of us, which can be before we heard of it.
+            let since = *state
+                .unexplained_since
+                .entry(sighting.public_key.clone())
+                .or_insert(now);
+            if now - since >= MISSED_AFTER {
+                state.unexplained_since.remove(&sighting.public_key);
+                state.asked_about.insert(sighting.public_key);
+                missed = true;
+            }
+        }
+        missed
     }
 
     /// Starts a hello for each record due, as long as fewer than [`MAX_VERIFYING`] are in
@@ -352,6 +393,10 @@ struct Records {
     unverified: HashMap<String, Record>,
     due: HashSet<String>,
     in_flight: HashSet<String>,
+    /// Keys of nodes that connected without an mDNS record, and since when.
+    unexplained_since: HashMap<String, Instant>,
+    /// Keys of such nodes already browsed again for.
+    asked_about: HashSet<String>,
 }
 
 /// Names of the tunnel interfaces present now.
@@ -364,4 +409,35 @@ fn tunnel_interfaces() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_is_dialed_first_then_routable_then_link_local_ipv6() {
+        let v4: SocketAddr = "10.0.0.7:8911".parse().expect("v4");
+        let global: SocketAddr = "[2001:db8::7]:8911".parse().expect("v6");
+        let link_local: SocketAddr = "[fe80::7%2]:8911".parse().expect("scoped v6");
+        let order = dial_order([link_local, global, v4, v4].into_iter());
+        assert_eq!(order, vec![v4, global, link_local]);
+    }
+
+    #[test]
+    fn a_link_local_endpoint_keeps_its_scope_through_the_peer_table() {
+        // Endpoints are stored as text and parsed back when dialed: the interface index must
+        // survive the round trip, or the address cannot be routed.
+        let scoped = SocketAddr::V6(SocketAddrV6::new(
+            "fe80::7".parse().expect("ip"),
+            8911,
+            0,
+            2,
+        ));
+        let text = scoped.to_string();
+        assert_eq!(text, "[fe80::7%2]:8911");
+        assert_eq!(text.parse::<SocketAddr>().expect("parses back"), scoped);
+        let plain = endpoint(&ScopedIp::from(IpAddr::V4([10, 0, 0, 7].into())), 8911);
+        assert_eq!(plain, Some("10.0.0.7:8911".parse().expect("v4")));
+    }
 }
