@@ -250,7 +250,7 @@ impl Node {
         let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
-            mesh_port: config.mesh_listen.port(),
+            mesh_listen: config.mesh_listen,
             interfaces: config.mdns_interfaces.clone(),
             client: client.clone(),
             peers: peers.clone(),
