@@ -108,14 +108,8 @@ fn data_dir(config: &Config, r: &mut Report) {
     let dir = &config.data_dir;
     let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
     if dir.is_dir() {
-        // Creating a file is the only honest test of "writable" (permissions, ACLs, read-only
-        // mounts and sandboxes all play a part).
-        let probe = dir.join(".arknet-doctor-probe");
-        match std::fs::write(&probe, b"") {
-            Ok(()) => {
-                let _ = std::fs::remove_file(&probe);
-                r.add(Level::Ok, "data dir", format!("{} (writable)", shown.display()));
-            }
+        match writable(dir) {
+            Ok(()) => r.add(Level::Ok, "data dir", format!("{} (writable)", shown.display())),
             Err(e) => r.add(
                 Level::Problem,
                 "data dir",
@@ -128,15 +122,27 @@ fn data_dir(config: &Config, r: &mut Report) {
             "data dir",
             format!("{} exists but is not a directory", shown.display()),
         );
+        return;
     } else {
-        r.add(
-            Level::Note,
-            "data dir",
-            format!(
-                "{} does not exist yet; the first start creates it",
-                shown.display()
+        // The first start creates it with its parents: the nearest existing one must let us.
+        let parent = shown.ancestors().skip(1).find(|a| a.exists());
+        match parent.map(|p| (p, writable(p))) {
+            Some((_, Ok(()))) => r.add(
+                Level::Note,
+                "data dir",
+                format!("{} does not exist yet; the first start creates it", shown.display()),
             ),
-        );
+            Some((p, Err(e))) => r.add(
+                Level::Problem,
+                "data dir",
+                format!("{} does not exist and cannot be created: {} is not writable ({e}); choose another with --data-dir", shown.display(), p.display()),
+            ),
+            None => r.add(
+                Level::Problem,
+                "data dir",
+                format!("{}: no existing parent directory", shown.display()),
+            ),
+        }
         return;
     }
 
@@ -476,6 +482,14 @@ fn clock(r: &mut Report) {
     } else {
         r.add(Level::Ok, "clock", format!("{shown} (UTC)"));
     }
+}
+
+/// Whether files can be created in `dir`. Creating one is the only honest test: permissions,
+/// ACLs, read-only mounts and sandboxes all play a part. The probe is removed at once.
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".arknet-doctor-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
 }
 
 /// The node id of an arknet node answering `/health` at `addr`, if one does.

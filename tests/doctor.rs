@@ -170,3 +170,21 @@ fn a_running_node_is_recognised_on_its_ports() {
         out.stdout
     );
 }
+
+#[test]
+fn a_data_dir_that_cannot_be_created_is_a_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A file where a parent directory should be: no user, root included, can create it.
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, "").expect("write");
+    let data = blocker.join("data");
+    let out = doctor(dir.path(), &config(&data, ""));
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    let line = line(&out, "data");
+    assert!(
+        line.starts_with("  PROBLEM")
+            && line.contains("cannot be created")
+            && line.contains("--data-dir"),
+        "{line}"
+    );
+}
