@@ -27,6 +27,9 @@ status=0
 if $doctor_only; then exit "$status"; fi
 # Problems such as "no backend yet" are worth reading, not a reason to refuse to start: the
 # node serves its peers' models and picks a backend up as soon as it answers.
+if [ "$status" -ne 0 ]; then
+  echo "    starting anyway. No model server yet? 'make demo' shows a grid with a real small model."
+fi
 
 mdns=on
 for a in "$@"; do [ "$a" = "--no-mdns" ] && mdns=off; done
