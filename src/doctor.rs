@@ -96,7 +96,9 @@ impl fmt::Display for Report {
 pub fn examine(config: &Config, source: &str) -> Report {
     let mut r = Report::default();
     r.add(Level::Ok, "config", format!("{source}: valid"));
-    data_dir(config, &mut r);
+    if data_dir(config, &mut r) {
+        files(config, &mut r);
+    }
     listeners(config, &mut r);
     backends(config, &mut r);
     discovery(config, &mut r);
@@ -104,7 +106,8 @@ pub fn examine(config: &Config, source: &str) -> Report {
     r
 }
 
-fn data_dir(config: &Config, r: &mut Report) {
+/// Reports on the data dir; true when it exists, so that the files in it can be examined.
+fn data_dir(config: &Config, r: &mut Report) -> bool {
     let dir = &config.data_dir;
     let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
     if dir.is_dir() {
@@ -116,13 +119,14 @@ fn data_dir(config: &Config, r: &mut Report) {
                 format!("{} is not writable ({e}): the node keeps its identity, approvals and audit log there; choose another with --data-dir", shown.display()),
             ),
         }
+        true
     } else if dir.exists() {
         r.add(
             Level::Problem,
             "data dir",
             format!("{} exists but is not a directory", shown.display()),
         );
-        return;
+        false
     } else {
         // The first start creates it with its parents: the nearest existing one must let us.
         let parent = shown.ancestors().skip(1).find(|a| a.exists());
@@ -143,9 +147,13 @@ fn data_dir(config: &Config, r: &mut Report) {
                 format!("{}: no existing parent directory", shown.display()),
             ),
         }
-        return;
+        false
     }
+}
 
+/// The identity, admin token and approvals file in an existing data dir.
+fn files(config: &Config, r: &mut Report) {
+    let dir = &config.data_dir;
     let key = crate::identity::key_path(dir);
     if key.exists() {
         match Identity::load_or_create(dir) {
