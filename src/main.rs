@@ -230,11 +230,15 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
     Ok(())
 }
 
+/// The config `serve` and `doctor` run with: the file, then the command-line overrides.
+fn serve_config(args: &ServeArgs) -> Result<Config, String> {
+    let mut config = load(&args.config)?;
+    apply_serve_flags(&mut config, args)?;
+    Ok(config)
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
-    let config = match load(&args.config).and_then(|mut c| {
-        apply_serve_flags(&mut c, &args)?;
-        Ok(c)
-    }) {
+    let config = match serve_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("arknet: {e}");
@@ -272,10 +276,7 @@ fn config_file(args: &ConfigArgs) -> Option<PathBuf> {
 }
 
 fn doctor(args: ServeArgs) -> ExitCode {
-    let config = match load(&args.config).and_then(|mut c| {
-        apply_serve_flags(&mut c, &args)?;
-        Ok(c)
-    }) {
+    let config = match serve_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("arknet: {e}");
