@@ -704,3 +704,6 @@ fn stream_dialect(h: &ResponseHeader) -> Option<Dialect> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests;
