@@ -215,7 +215,7 @@ fn install_script_installs_a_service_that_runs_as_its_user() {
                 "the service exited:\n{}",
                 log()
             );
-            let probe = b"GET /health HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
+            let probe = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
             http::try_send_raw(api, probe, Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
         },
     );
