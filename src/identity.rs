@@ -158,6 +158,25 @@ impl Identity {
         // The certificate is derived data: rebuild it when missing or when it names another key.
         let cert_pem = match fs::read_to_string(&cert_path) {
             Ok(pem) if cert_matches(&pem, &public_key) => pem,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pem = self_signed(&key_pair, &public_key)?;
+                let io = |source| IdentityError::Io {
+                    path: cert_path.clone(),
+                    source,
+                };
+                if crate::fsutil::create_new_atomic(&cert_path, pem.as_bytes(), 0o644)
+                    .map_err(io)?
+                {
+                    pem
+                } else {
+                    // A concurrent start wrote it first; it certifies the same key, so use
+                    // what is on disk and keep every process on one certificate.
+                    match fs::read_to_string(&cert_path).map_err(io)? {
+                        disk if cert_matches(&disk, &public_key) => disk,
+                        _ => pem,
+                    }
+                }
+            }
             _ => {
                 let pem = self_signed(&key_pair, &public_key)?;
                 write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
@@ -242,6 +261,8 @@ impl Identity {
     }
 }
 
+/// Creates the key file unless it exists by now, and returns the key that is on disk: when
+/// several processes create an identity at once, exactly one key wins and all of them use it.
 fn create_key(path: &Path) -> Result<String, IdentityError> {
     let mut seed = [0u8; 32];
     SystemRandom::new()
@@ -250,8 +271,16 @@ fn create_key(path: &Path) -> Result<String, IdentityError> {
     let mut der = PKCS8_V1_ED25519_PREFIX.to_vec();
     der.extend_from_slice(&seed);
     let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der));
-    write_atomic(path, pem.as_bytes(), 0o600)?;
-    Ok(pem)
+    let io = |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if crate::fsutil::create_new_atomic(path, pem.as_bytes(), 0o600).map_err(io)? {
+        return Ok(pem);
+    }
+    // Another process (an `arknet id` next to a starting service) created the key first: its
+    // key is the identity, and ours is discarded before anyone saw it.
+    fs::read_to_string(path).map_err(io)
 }
 
 fn self_signed(key: &KeyPair, public_key: &PublicKey) -> Result<String, IdentityError> {

@@ -88,6 +88,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another node runs on this data dir, or the lock file cannot be used.
+    #[error("{0}")]
+    Lock(#[from] crate::fsutil::LockError),
     /// A listener address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -136,6 +139,9 @@ impl Node {
 
     /// Starts every listener and background task and serves until SIGTERM/SIGINT.
     pub fn run(self) -> Result<(), StartError> {
+        // One node per data dir: two would both write the approvals, the audit log and the TLS
+        // leaf. Held (never dropped: `run_forever` does not return) until the process ends.
+        let _data_dir_lock = crate::fsutil::DataDirLock::acquire(&self.config.data_dir)?;
         // Pingora reports a taken port deep inside its startup; checking here gives the user a
         // one-line error instead.
         for addr in [self.config.api_listen, self.config.mesh_listen] {

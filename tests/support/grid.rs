@@ -121,6 +121,14 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts a node for `spec` and waits (bounded) until `/health` answers.
     pub fn start(spec: &NodeSpec) -> NodeProc {
+        let mut node = NodeProc::launch(spec);
+        node.wait_ready();
+        node
+    }
+
+    /// Starts a node for `spec` without waiting for it, for tests that race something against
+    /// its start; [`NodeProc::wait_ready`] waits.
+    pub fn launch(spec: &NodeSpec) -> NodeProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let ip = loopback_ip();
         let api = SocketAddr::from((ip, free_port(ip)));
@@ -138,11 +146,16 @@ impl NodeProc {
             child: None,
             _dir: dir,
         };
-        node.spawn();
+        node.spawn_process();
         node
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -159,10 +172,10 @@ impl NodeProc {
             .spawn()
             .expect("spawn arknet");
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    fn wait_ready(&mut self) {
+    /// Bounded poll until `/health` answers; panics with the log if the process exits first.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self
