@@ -78,7 +78,13 @@ impl Handler for Mesh {
                 if let Some(key) = key {
                     self.record_stranger(s, key);
                 }
-                return self.deny(s, dialect, &denied).await.reusable;
+                let outcome = self.deny(s, dialect, &denied).await;
+                // Refusals are peer requests too (DESIGN §4); hellos are not requests for
+                // work, and would flood the log from every stranger that dials us.
+                if path != HELLO_PATH {
+                    self.audit_refused(key, &denied, started, &outcome);
+                }
+                return outcome.reusable;
             }
         };
         if path == HELLO_PATH {
@@ -101,6 +107,7 @@ impl Handler for Mesh {
             Err(e) => reply_error(s, dialect, &e).await,
         };
         let model = outcome.model.clone().unwrap_or_default();
+        let error = (outcome.status >= 400).then(|| format!("answered {}", outcome.status));
         record_peer_request(
             &self.audit,
             &self.metrics,
@@ -111,6 +118,7 @@ impl Handler for Mesh {
             meter,
             started,
             started_at,
+            error,
         );
         outcome.reusable
     }
@@ -158,6 +166,7 @@ impl Mesh {
             Ok(read) => read,
             Err(outcome) => return outcome,
         };
+        *meter = TokenMeter::for_request(&body);
         let permit = match authz::authorize(peer, &model) {
             Ok(permit) => permit,
             Err(denied) => {
@@ -212,6 +221,30 @@ impl Mesh {
             return reply_json(s, 403, &body).await;
         }
         reply_error(s, dialect, &e).await
+    }
+
+    /// Audit line for a request refused before we knew who sent it: the peer is named by its
+    /// key (it has no approved node id), the model is not read.
+    fn audit_refused(
+        &self,
+        key: Option<crate::identity::PublicKey>,
+        denied: &Denied,
+        started: Instant,
+        outcome: &Outcome,
+    ) {
+        self.audit.write(crate::audit::AuditRecord {
+            timestamp: crate::timefmt::rfc3339(std::time::SystemTime::now() - started.elapsed()),
+            direction: Direction::Inbound,
+            peer: key.map_or_else(|| "no certificate".to_string(), |k| k.to_string()),
+            model: String::new(),
+            status: outcome.status,
+            error: Some(denied.code().to_string()),
+            prompt_tokens: None,
+            prompt_tokens_estimated: false,
+            completion_tokens: None,
+            ttft_ms: None,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        });
     }
 
     /// An unapproved key connected: list it as pending so its owner's request can be approved.

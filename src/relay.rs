@@ -17,7 +17,7 @@ use crate::gateway::meter::TokenMeter;
 use crate::gateway::translate::{self, ResponseTranslator};
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};
-use crate::session::{reply_error, Outcome};
+use crate::session::{reply_error, Cut, Outcome};
 use crate::upstream::{Backend, SendError, Upstream, UpstreamResponse};
 
 /// A miss in the catalog triggers a refresh unless the last one is younger than this: a model
@@ -40,6 +40,10 @@ const NOT_FORWARDED: [&str; 12] = [
     "content-length",
     "expect",
 ];
+
+/// The last event of a stream cut because its peer was revoked; the requesting node reads it
+/// to audit the request as refused rather than served.
+pub const REVOKED_MESSAGE: &str = "access to this node was revoked";
 
 /// A model request ready to be served: the body is read and the model known.
 pub struct ModelRequest<'a> {
@@ -79,6 +83,9 @@ pub enum Attempt {
     Busy,
     /// The candidate failed before answering; nothing reached the client, try the next.
     Failed(String),
+    /// The candidate took the request but sent no header within the first-byte timeout;
+    /// nothing reached the client, try the next (and answer 504 if none answers).
+    TimedOut(String),
 }
 
 /// The node's own backends and what is needed to serve them.
@@ -182,6 +189,7 @@ impl LocalRelay {
         };
         let mut busy = false;
         let mut last_failure = None;
+        let mut timed_out = false;
         for target in order {
             match self
                 .attempt(s, target, &mut req, meter.as_deref_mut())
@@ -190,12 +198,16 @@ impl LocalRelay {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Busy => busy = true,
                 Attempt::Failed(why) => last_failure = Some(why),
+                Attempt::TimedOut(why) => {
+                    timed_out = true;
+                    last_failure = Some(why);
+                }
             }
         }
         reply_error(
             s,
             dialect,
-            &ApiError::exhausted(req.model, busy, last_failure),
+            &ApiError::exhausted(req.model, busy, last_failure, timed_out),
         )
         .await
     }
@@ -467,6 +479,7 @@ pub async fn relay_response(
         model: None,
         first_byte: None,
         reusable: false,
+        cut: None,
     };
     if s.write_response_header(Box::new(header)).await.is_err() {
         return outcome;
@@ -478,7 +491,8 @@ pub async fn relay_response(
         let next = tokio::select! {
             next = async { match pending.take() { Some(p) => p, None => rsp.next_chunk().await } } => next,
             () = stopped(&mut stop) => {
-                end_with_error(s, stream_dialect, chunked, "access to this node was revoked").await;
+                end_with_error(s, stream_dialect, chunked, REVOKED_MESSAGE).await;
+                outcome.cut = Some(Cut::Revoked);
                 return outcome;
             }
         };
@@ -496,10 +510,20 @@ pub async fn relay_response(
                     // The client left; dropping `rsp` closes the backend connection, which
                     // makes the backend stop generating.
                     tracing::debug!("client went away mid-response");
+                    outcome.cut = Some(Cut::ClientLeft);
                     return outcome;
                 }
             }
             Ok(None) => {
+                // A peer that cut a stream ended it with an error event and a clean end: the
+                // event, not the framing, says how the request went.
+                if let Some(error) = meter.as_deref().and_then(TokenMeter::stream_error) {
+                    outcome.cut = Some(if error.contains(REVOKED_MESSAGE) {
+                        Cut::Revoked
+                    } else {
+                        Cut::UpstreamBroke
+                    });
+                }
                 let tail = translate
                     .as_mut()
                     .map_or_else(Bytes::new, ResponseTranslator::finish);
@@ -511,6 +535,7 @@ pub async fn relay_response(
                 tracing::warn!(error = %e, "backend stream broke mid-response");
                 let why = format!("the backend stopped mid-response: {e}");
                 end_with_error(s, stream_dialect, chunked, &why).await;
+                outcome.cut = Some(Cut::UpstreamBroke);
                 return outcome;
             }
         }

@@ -33,6 +33,42 @@ pub struct Outcome {
     pub first_byte: Option<Instant>,
     /// Whether the client connection may carry another request.
     pub reusable: bool,
+    /// Why a response that had started did not reach its end, if it did not: its status line
+    /// said 200, but the audit must not.
+    pub cut: Option<Cut>,
+}
+
+/// Why a relayed response ended before its natural end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The peer it was for (or from) lost its approval mid-stream.
+    Revoked,
+    /// The backend or peer sending it broke off, or ended it with an error event.
+    UpstreamBroke,
+    /// The client went away before the end.
+    ClientLeft,
+}
+
+impl Cut {
+    /// The status that describes the request's real outcome in the audit log: 403 for a
+    /// revocation, 502 for a broken upstream, 499 (Nginx's "client closed request") for a
+    /// client that left.
+    pub fn audit_status(self) -> u16 {
+        match self {
+            Cut::Revoked => 403,
+            Cut::UpstreamBroke => 502,
+            Cut::ClientLeft => 499,
+        }
+    }
+
+    /// A short word for the audit line's `error` field.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Cut::Revoked => "revoked mid-response",
+            Cut::UpstreamBroke => "upstream broke mid-response",
+            Cut::ClientLeft => "client left mid-response",
+        }
+    }
 }
 
 impl Outcome {
@@ -43,6 +79,19 @@ impl Outcome {
             model: None,
             first_byte: Some(Instant::now()),
             reusable: written,
+            cut: None,
+        }
+    }
+
+    /// A request that got no response at all (nothing reached the client from it), for the
+    /// audit of a peer that timed out, refused or could not be reached.
+    pub fn failed(status: u16) -> Self {
+        Outcome {
+            status,
+            model: None,
+            first_byte: None,
+            reusable: false,
+            cut: None,
         }
     }
 }

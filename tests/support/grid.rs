@@ -84,18 +84,35 @@ impl BackendSpec {
 pub struct NodeSpec {
     pub backends: Vec<BackendSpec>,
     pub extra_toml: String,
+    /// TOML placed in the `[upstream]` table.
+    pub upstream_toml: String,
+    /// `mesh.hello_interval_secs` (default 1).
+    pub hello_interval_secs: Option<u64>,
 }
 
 impl NodeSpec {
     pub fn with_backend(backend: BackendSpec) -> Self {
         NodeSpec {
             backends: vec![backend],
-            extra_toml: String::new(),
+            ..NodeSpec::default()
         }
     }
 
     pub fn backend(mut self, backend: BackendSpec) -> Self {
         self.backends.push(backend);
+        self
+    }
+
+    /// TOML placed in the `[upstream]` table (e.g. `first_byte_timeout_secs = 1`).
+    pub fn upstream(mut self, toml: &str) -> Self {
+        self.upstream_toml.push_str(toml);
+        self.upstream_toml.push('\n');
+        self
+    }
+
+    /// Seconds between hellos to approved peers.
+    pub fn hello_interval(mut self, secs: u64) -> Self {
+        self.hello_interval_secs = Some(secs);
         self
     }
 
@@ -310,9 +327,11 @@ impl Grid {
 
 fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &Path) -> String {
     let mut toml = format!(
-        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = 1\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = {}\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n{}",
         data_dir.display().to_string(),
-        spec.extra_toml
+        spec.extra_toml,
+        spec.hello_interval_secs.unwrap_or(1),
+        spec.upstream_toml,
     );
     for b in &spec.backends {
         toml.push_str(&format!(
@@ -341,13 +360,22 @@ pub struct Ark {
 impl Ark {
     /// A fake backend with `config` on a fresh loopback address, and a node in front of it.
     pub fn start(config: super::fake_backend::FakeConfig, max_concurrent: usize) -> Ark {
+        Ark::start_with(config, max_concurrent, |spec| spec)
+    }
+
+    /// [`Ark::start`], with the node's spec adjusted by `spec` (timeouts, hello interval).
+    pub fn start_with(
+        config: super::fake_backend::FakeConfig,
+        max_concurrent: usize,
+        spec: impl FnOnce(NodeSpec) -> NodeSpec,
+    ) -> Ark {
         let backend = super::fake_backend::FakeBackend::start_in_thread(
             std::net::IpAddr::V4(loopback_ip()),
             config,
         );
-        let node = NodeProc::start(&NodeSpec::with_backend(
+        let node = NodeProc::start(&spec(NodeSpec::with_backend(
             BackendSpec::ollama(backend.url()).max_concurrent(max_concurrent),
-        ));
+        )));
         Ark { backend, node }
     }
 }
