@@ -54,6 +54,7 @@ pub struct Grid {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     outbound: Mutex<HashMap<PublicKey, Arc<Outbound>>>,
+    warnings: crate::health::WarnLimiter,
 }
 
 /// Our side of one peer's grant.
@@ -91,6 +92,7 @@ impl Grid {
             audit,
             metrics,
             outbound: Mutex::new(HashMap::new()),
+            warnings: crate::health::WarnLimiter::default(),
         }
     }
 
@@ -252,7 +254,13 @@ impl Grid {
                     ));
                 }
                 out.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %c.node_id, error = %e, "peer failed before responding");
+                crate::warn_limited!(
+                    self.warnings,
+                    &c.node_id,
+                    peer = %c.node_id,
+                    error = %e,
+                    "peer failed before responding"
+                );
                 if matches!(e, SendError::Timeout { .. }) {
                     audit_failure(504, "no response header in time".to_string());
                     return Attempt::TimedOut(describe(&c.node_id, &e));

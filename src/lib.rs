@@ -20,6 +20,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gateway;
 pub mod grid;
+pub mod health;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
@@ -182,6 +183,10 @@ impl Node {
             catalog.clone(),
             metrics.clone(),
         ));
+        let probe = crate::health::BackendProbe {
+            backends: backends.clone(),
+            upstream: Arc::new(Upstream::new(&config.upstream)),
+        };
         let mesh_relay = Arc::new(LocalRelay::new(
             backends,
             mesh_upstream,
@@ -280,6 +285,7 @@ impl Node {
         server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));
         server.add_service(background_service("mesh poller", poller));
+        server.add_service(background_service("backend probe", probe));
         if let Some(mdns) = mdns {
             server.add_service(background_service("mdns discovery", mdns));
         }

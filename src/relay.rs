@@ -15,6 +15,7 @@ use crate::catalog::{Catalog, Snapshot};
 use crate::error::{ApiError, Dialect};
 use crate::gateway::meter::TokenMeter;
 use crate::gateway::translate::{self, ResponseTranslator};
+use crate::health::WarnLimiter;
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};
 use crate::session::{reply_error, Cut, Outcome};
@@ -94,6 +95,7 @@ pub struct LocalRelay {
     upstream: Arc<Upstream>,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    warnings: WarnLimiter,
 }
 
 impl LocalRelay {
@@ -109,6 +111,7 @@ impl LocalRelay {
             upstream,
             catalog,
             metrics,
+            warnings: WarnLimiter::default(),
         }
     }
 
@@ -221,6 +224,15 @@ impl LocalRelay {
         meter: Option<&mut TokenMeter>,
     ) -> Attempt {
         let backend = &self.backends[target.index];
+        // A backend that refused a connection is left to the background probe: trying it on
+        // every request would cost each one a connect timeout and a log line.
+        if let Some(retry_in) = backend.health.retry_in() {
+            return Attempt::Failed(format!(
+                "backend \"{}\" is down (next probe in {} ms)",
+                backend.config.name,
+                retry_in.as_millis()
+            ));
+        }
         // The owner comes first: peers only get the slots beyond the reserved ones, and never
         // wait for one, so a local burst turns peers away at once.
         if req.from_peer
@@ -256,6 +268,9 @@ impl LocalRelay {
         let sent = self.upstream.send(backend.peer(), &header, &body).await;
         let attempt = match sent {
             Ok(rsp) => {
+                if backend.health.succeeded() {
+                    tracing::info!(backend = %backend.config.name, "backend is up again; using it");
+                }
                 let stop = req.stop.take();
                 Attempt::Done(relay_response(&self.upstream, s, rsp, stop, meter, translator).await)
             }
@@ -267,12 +282,27 @@ impl LocalRelay {
                 Attempt::Done(reply_error(s, req.dialect, &e).await)
             }
             Err(e) => {
-                tracing::warn!(backend = %backend.config.name, error = %e, "backend failed before responding");
                 if matches!(e, SendError::Connect { .. }) {
                     self.metrics
                         .upstream_connect_errors
                         .with_label_values(&[&backend.config.name])
                         .inc();
+                    if let Some(backoff) = backend.health.failed() {
+                        tracing::warn!(
+                            backend = %backend.config.name,
+                            error = %e,
+                            first_probe_ms = backoff.as_millis() as u64,
+                            "backend unreachable; requests skip it until a background probe reaches it"
+                        );
+                    }
+                } else {
+                    crate::warn_limited!(
+                        self.warnings,
+                        &backend.config.name,
+                        backend = %backend.config.name,
+                        error = %e,
+                        "backend failed before responding"
+                    );
                 }
                 Attempt::Failed(format!("backend \"{}\": {e}", backend.config.name))
             }
