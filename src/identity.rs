@@ -21,6 +21,25 @@ const CERT_FILE: &str = "node.crt";
 const TLS_KEY_FILE: &str = "tls.key";
 const TLS_CHAIN_FILE: &str = "tls-chain.crt";
 const IDENTITY_DIR: &str = "identity";
+/// Words of default node ids (64 × 64 names): short, distinct, easy to say.
+const ADJECTIVES: [&str; 64] = [
+    "amber", "bold", "brave", "brisk", "calm", "clever", "cosmic", "crisp", "daring", "eager",
+    "early", "fancy", "fluffy", "gentle", "giant", "glad", "golden", "grand", "happy", "hazy",
+    "humble", "icy", "jolly", "keen", "kind", "lively", "lucky", "mellow", "merry", "misty",
+    "modest", "noble", "odd", "olive", "proud", "quick", "quiet", "rapid", "rosy", "royal",
+    "rustic", "sandy", "shiny", "silent", "silver", "sly", "smooth", "snowy", "solar", "spicy",
+    "steady", "stormy", "sunny", "swift", "tidy", "tiny", "urban", "vivid", "warm", "wild",
+    "windy", "wise", "young", "zesty",
+];
+/// Second words of default node ids.
+const ANIMALS: [&str; 64] = [
+    "badger", "bat", "bear", "beaver", "bison", "camel", "cat", "cobra", "crab", "crane", "crow",
+    "deer", "dingo", "dog", "dove", "duck", "eagle", "eel", "elk", "falcon", "ferret", "finch",
+    "fox", "frog", "gecko", "goat", "goose", "hare", "hawk", "heron", "horse", "ibis", "jackal",
+    "jay", "koala", "lark", "lemur", "lion", "llama", "lynx", "mole", "moose", "mouse", "newt",
+    "otter", "owl", "panda", "puma", "quail", "raven", "seal", "shark", "sloth", "snail", "swan",
+    "tiger", "toad", "trout", "viper", "whale", "wolf", "wombat", "yak", "zebra",
+];
 /// PKCS#8 v1 header for an Ed25519 private key (RFC 8410): BoringSSL refuses the v2 documents
 /// ring writes, so the key is stored in this form.
 const PKCS8_V1_ED25519_PREFIX: [u8; 16] = [
@@ -243,7 +262,10 @@ impl Identity {
         Ok(leaf)
     }
 
-    /// Node id derived from the hostname and the key, for nodes that configure none.
+    /// Node id derived from the hostname and the key, for nodes that configure none:
+    /// `ark-<host>-<adjective>-<animal>`. The words come from the key, so each data dir (each
+    /// identity) on a host gets its own name, stable across restarts, that a person can tell
+    /// apart and say aloud, unlike a hex tag.
     pub fn default_node_id(&self) -> String {
         let host = fs::read_to_string("/proc/sys/kernel/hostname")
             .unwrap_or_default()
@@ -253,11 +275,10 @@ impl Identity {
             .take(40)
             .collect::<String>();
         let host = if host.is_empty() { "node".into() } else { host };
-        let tag: String = self.public_key.0[..3]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("ark-{host}-{tag}")
+        let k = self.public_key.0;
+        let adjective = ADJECTIVES[usize::from(k[0]) % ADJECTIVES.len()];
+        let animal = ANIMALS[usize::from(k[1]) % ANIMALS.len()];
+        format!("ark-{host}-{adjective}-{animal}")
     }
 }
 
@@ -357,6 +378,29 @@ mod tests {
         let second = Identity::load_or_create(dir.path()).expect("reload");
         assert_eq!(first.public_key(), second.public_key());
         assert!(cert_matches(second.cert_pem(), &second.public_key()));
+    }
+
+    #[test]
+    fn default_node_ids_differ_per_identity_and_read_as_words() {
+        let ids: std::collections::HashSet<String> = (0..8)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                Identity::load_or_create(dir.path())
+                    .expect("create")
+                    .default_node_id()
+            })
+            .collect();
+        // 4096 names: eight identities share one with a probability under 1%.
+        assert!(ids.len() >= 7, "{ids:?}");
+        for id in &ids {
+            let words: Vec<&str> = id.rsplitn(3, '-').collect();
+            assert!(
+                ADJECTIVES.contains(&words[1]) && ANIMALS.contains(&words[0]),
+                "{id}"
+            );
+            assert!(id.starts_with("ark-"), "{id}");
+            assert!(crate::config::valid_node_id(id), "{id}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod peers;
 pub mod relay;
 pub mod routing;
 pub mod session;
+pub mod shutdown;
 pub mod timefmt;
 pub mod upstream;
 
@@ -107,6 +108,7 @@ pub struct Node {
     config: Config,
     identity: Identity,
     node_id: String,
+    config_file: Option<PathBuf>,
 }
 
 impl Node {
@@ -125,7 +127,14 @@ impl Node {
             config,
             identity,
             node_id,
+            config_file: None,
         })
+    }
+
+    /// Names the config file the node was configured from, for the start-up summary.
+    pub fn with_config_file(mut self, path: Option<PathBuf>) -> Self {
+        self.config_file = path;
+        self
     }
 
     /// The node id (configured, or derived from hostname and key).
@@ -244,7 +253,10 @@ impl Node {
             metrics.clone(),
             config.max_body_bytes,
         );
+        // Without mDNS there is no goodbye to wait for at shutdown.
+        let background_done = Arc::new(std::sync::atomic::AtomicBool::new(!config.mdns));
         let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {
+            stopped: background_done.clone(),
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
             mesh_port: config.mesh_listen.port(),
@@ -273,9 +285,19 @@ impl Node {
 
         let mut server = Server::new_with_opt_and_conf(None, self.server_conf());
         server.bootstrap();
-        let mut api = Service::new("arknet api".to_string(), App(gateway));
+        let in_flight = Arc::new(crate::shutdown::InFlight::default());
+        crate::shutdown::exit_when_drained(
+            server.watch_execution_phase(),
+            in_flight.clone(),
+            background_done,
+            std::time::Duration::from_secs(config.shutdown_grace_secs),
+        );
+        let mut api = Service::new(
+            "arknet api".to_string(),
+            App::new(gateway, in_flight.clone()),
+        );
         api.add_tcp(&config.api_listen.to_string());
-        let mut mesh_service = Service::new("arknet mesh".to_string(), App(mesh));
+        let mut mesh_service = Service::new("arknet mesh".to_string(), App::new(mesh, in_flight));
         mesh_service.add_tls_with_settings(
             &config.mesh_listen.to_string(),
             None,
@@ -292,15 +314,42 @@ impl Node {
         if let Some(wireguard) = wireguard {
             server.add_service(background_service("wireguard discovery", wireguard));
         }
+        self.log_summary();
+        server.run_forever()
+    }
+
+    /// The start-up summary: what an operator needs to know that the node runs as intended.
+    /// The backends' models follow from the catalog once they answer.
+    fn log_summary(&self) {
+        let config = &self.config;
+        let config_file = self.config_file.as_ref().map_or_else(
+            || "none (built-in defaults)".to_string(),
+            |p| p.display().to_string(),
+        );
+        let mdns = match (config.mdns, config.mdns_interfaces.is_empty()) {
+            (false, _) => "off".to_string(),
+            (true, true) => "on (every interface but loopback and tunnels)".to_string(),
+            (true, false) => format!("on ({})", config.mdns_interfaces.join(", ")),
+        };
+        let backends: Vec<String> = config
+            .backends
+            .iter()
+            .map(|b| format!("{} ({} at {})", b.name, b.kind, b.url))
+            .collect();
+        let statics: Vec<String> = config.static_peers.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             node_id = %self.node_id,
             public_key = %self.identity.public_key(),
+            config = %config_file,
+            data_dir = %config.data_dir.display(),
             api = %config.api_listen,
             mesh = %config.mesh_listen,
-            data_dir = %config.data_dir.display(),
+            mdns = %mdns,
+            wireguard = %config.wireguard_interface.as_deref().unwrap_or("off"),
+            static_peers = %statics.join(", "),
+            backends = %backends.join(", "),
             "arknet node starting"
         );
-        server.run_forever()
     }
 
     fn server_conf(&self) -> ServerConf {

@@ -104,9 +104,20 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, session: &mut ServerSession) -> bool;
 }
 
-/// Adapts a [`Handler`] to Pingora's [`HttpServerApp`]: reads the header, applies keep-alive
-/// and hands reusable connections back to Pingora.
-pub struct App<H>(pub H);
+/// Adapts a [`Handler`] to Pingora's [`HttpServerApp`]: reads the header, applies keep-alive,
+/// counts the request as in flight (for a prompt shutdown) and hands reusable connections back
+/// to Pingora.
+pub struct App<H> {
+    handler: H,
+    in_flight: Arc<crate::shutdown::InFlight>,
+}
+
+impl<H> App<H> {
+    /// Wraps `handler`, counting its requests in `in_flight`.
+    pub fn new(handler: H, in_flight: Arc<crate::shutdown::InFlight>) -> Self {
+        App { handler, in_flight }
+    }
+}
 
 #[async_trait]
 impl<H: Handler> HttpServerApp for App<H> {
@@ -125,7 +136,8 @@ impl<H: Handler> HttpServerApp for App<H> {
             }
         }
         session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
-        if !self.0.handle(&mut session).await {
+        let _in_flight = self.in_flight.enter();
+        if !self.handler.handle(&mut session).await {
             return None;
         }
         let settings = HttpPersistentSettings::for_session(&session);

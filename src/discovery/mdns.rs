@@ -43,11 +43,22 @@ pub struct MdnsDiscovery {
     pub client: Arc<MeshClient>,
     /// Where sightings go.
     pub peers: Arc<PeerTable>,
+    /// Set once the goodbye was sent at shutdown (or discovery never started), so the process
+    /// may exit without waiting for the grace period.
+    pub stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
 impl BackgroundService for MdnsDiscovery {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.run(shutdown).await;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl MdnsDiscovery {
+    async fn run(&self, mut shutdown: ShutdownWatch) {
         let daemon = match self.daemon() {
             Ok(d) => d,
             Err(e) => {
@@ -87,9 +98,7 @@ impl BackgroundService for MdnsDiscovery {
         }
         tracing::info!("mDNS discovery stopped; goodbye sent");
     }
-}
 
-impl MdnsDiscovery {
     fn daemon(&self) -> Result<ServiceDaemon, mdns_sd::Error> {
         let daemon = ServiceDaemon::new()?;
         if self.interfaces.is_empty() {

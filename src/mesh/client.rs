@@ -21,7 +21,7 @@ use super::tls::{parse_identity_cert, MeshTls, MESH_SNI};
 use super::{HELLO_PATH, MESH_PORT_HEADER, NODE_ID_HEADER};
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
-use crate::peers::{PeerTable, Source};
+use crate::peers::{PeerStatus, PeerTable, Source};
 use crate::timefmt::now_rfc3339;
 use crate::upstream::{SendError, Upstream};
 
@@ -269,6 +269,7 @@ impl MeshPoller {
                     "bad endpoint `{endpoint}`"
                 ))),
             };
+            log_hello_changes(&p.node_id, &status, result.as_ref().ok());
             match result {
                 Ok(h) => {
                     status.reachable = true;
@@ -285,5 +286,32 @@ impl MeshPoller {
             }
             self.peers.set_status(p.public_key, status);
         }
+    }
+}
+
+/// INFO event lines for what a hello changed about a peer's view of us: it approved us (or no
+/// longer does), it shares a model with us or withdrew one.
+fn log_hello_changes(node_id: &str, before: &PeerStatus, hello: Option<&Hello>) {
+    let Some(h) = hello else {
+        return;
+    };
+    let approved_before = before.reachable && before.error.is_none();
+    if h.approved_us && !approved_before {
+        tracing::info!(node_id, "peer approved us");
+    } else if !h.approved_us && approved_before {
+        tracing::info!(node_id, "peer no longer approves us");
+    }
+    let names = |models: &[serde_json::Value]| -> Vec<String> {
+        models
+            .iter()
+            .filter_map(|m| m["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let (was, now) = (names(&before.models), names(&h.models));
+    for m in now.iter().filter(|m| !was.contains(m)) {
+        tracing::info!(node_id, model = %m, "peer shares a model with us");
+    }
+    for m in was.iter().filter(|m| !now.contains(m)) {
+        tracing::info!(node_id, model = %m, "peer withdrew a model from us");
     }
 }

@@ -88,6 +88,8 @@ pub struct NodeSpec {
     pub upstream_toml: String,
     /// `mesh.hello_interval_secs` (default 1).
     pub hello_interval_secs: Option<u64>,
+    /// `api.shutdown_grace_secs` (default 0: tests stop nodes at once).
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 impl NodeSpec {
@@ -107,6 +109,12 @@ impl NodeSpec {
     pub fn upstream(mut self, toml: &str) -> Self {
         self.upstream_toml.push_str(toml);
         self.upstream_toml.push('\n');
+        self
+    }
+
+    /// Seconds in-flight requests get after SIGTERM.
+    pub fn shutdown_grace(mut self, secs: u64) -> Self {
+        self.shutdown_grace_secs = Some(secs);
         self
     }
 
@@ -233,6 +241,15 @@ impl NodeProc {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Sends SIGTERM to the process (by its PID), as a service manager stops it.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}", self.pid());
+    }
+
     /// Ends the process by its PID (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -327,8 +344,9 @@ impl Grid {
 
 fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &Path) -> String {
     let mut toml = format!(
-        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = {}\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n{}",
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = {}\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = {}\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n{}",
         data_dir.display().to_string(),
+        spec.shutdown_grace_secs.unwrap_or(0),
         spec.extra_toml,
         spec.hello_interval_secs.unwrap_or(1),
         spec.upstream_toml,
