@@ -546,8 +546,14 @@ pub async fn relay_response(
             }
             Ok(None) => {
                 // A peer that cut a stream ended it with an error event and a clean end: the
-                // event, not the framing, says how the request went.
-                if let Some(error) = meter.as_deref().and_then(TokenMeter::stream_error) {
+                // event, not the framing, says how the request went. (An error *answer*, say a
+                // 400 with a JSON error body, is no cut: its status already tells.)
+                let streamed_ok = (200..300).contains(&status) && stream_dialect.is_some();
+                if let Some(error) = meter
+                    .as_deref()
+                    .filter(|_| streamed_ok)
+                    .and_then(TokenMeter::stream_error)
+                {
                     outcome.cut = Some(if error.contains(REVOKED_MESSAGE) {
                         Cut::Revoked
                     } else {

@@ -139,6 +139,15 @@ fn a_413_from_the_peer_reaches_the_client() {
         "request_too_large",
     );
     assert_eq!(b.backend.hits(), 0);
+    // An error answer (JSON error body, no stream) is audited with its own status at both
+    // ends, not as a cut stream.
+    let b_id = b.node.node_id();
+    let out: Vec<Value> = audit(&a.node)
+        .into_iter()
+        .filter(|e| e["peer"] == b_id.as_str())
+        .collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0]["status"], 413, "{}", out[0]);
 }
 
 #[test]
