@@ -326,10 +326,11 @@ impl Node {
             || "none (built-in defaults)".to_string(),
             |p| p.display().to_string(),
         );
-        let mdns = match (config.mdns, config.mdns_interfaces.is_empty()) {
-            (false, _) => "off".to_string(),
-            (true, true) => "on (every interface but loopback and tunnels)".to_string(),
-            (true, false) => format!("on ({})", config.mdns_interfaces.join(", ")),
+        let mdns = if config.mdns {
+            let names = crate::discovery::mdns::effective_interfaces(&config.mdns_interfaces);
+            format!("on ({})", names.join(", "))
+        } else {
+            "off".to_string()
         };
         let backends: Vec<String> = config
             .backends

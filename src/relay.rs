@@ -316,10 +316,12 @@ impl LocalRelay {
     /// do not say, so their models count as not loaded.
     pub async fn loaded_models(&self) -> Vec<String> {
         let mut names = Vec::new();
+        // A down backend is skipped: every peer's hello asks, and each would wait for a
+        // connect that the background probe already knows fails.
         for b in self
             .backends
             .iter()
-            .filter(|b| b.config.kind == crate::config::BackendKind::Ollama)
+            .filter(|b| b.config.kind == crate::config::BackendKind::Ollama && b.health.is_up())
         {
             let path = b.upstream_path("/api/ps");
             if let Ok(ps) = self

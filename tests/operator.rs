@@ -238,3 +238,42 @@ fn serve_mdns_turns_discovery_on_and_conflicts_with_no_mdns() {
     let out = run_bounded(cmd, Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
 }
+
+#[test]
+fn default_node_ids_are_readable_and_differ_per_data_dir() {
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut cmd = Command::new(ARKNET);
+            cmd.args(["id", "--data-dir"])
+                .arg(dir.path())
+                .current_dir(cwd.path());
+            let out = run_bounded(cmd, Duration::from_secs(20));
+            assert!(out.status.success(), "{}", out.stderr);
+            out.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("node_id: "))
+                .expect("node_id line")
+                .to_string()
+        })
+        .collect();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    for id in &ids {
+        // ark-<host>-<adjective>-<animal>: words, not a hex tag.
+        let tail = id
+            .strip_prefix(&format!("ark-{}-", host.trim()))
+            .unwrap_or_else(|| panic!("{id}"));
+        let words: Vec<&str> = tail.split('-').collect();
+        assert_eq!(words.len(), 2, "{id}");
+        assert!(
+            words
+                .iter()
+                .all(|w| w.len() >= 2 && w.chars().all(|c| c.is_ascii_lowercase())),
+            "{id}"
+        );
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    // 4096 names: three identities share one with a probability under 0.1%.
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+}

@@ -236,6 +236,24 @@ struct Records {
 }
 
 /// Names of the tunnel interfaces present now.
+/// The interfaces mDNS runs on for `configured` (`discovery.mdns_interfaces`): those named, or
+/// when none are, every interface but loopback and tunnels, as the system lists them now.
+pub fn effective_interfaces(configured: &[String]) -> Vec<String> {
+    if !configured.is_empty() {
+        return configured.to_vec();
+    }
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n != "lo" && !TUNNEL_PREFIXES.iter().any(|p| n.starts_with(p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 fn tunnel_interfaces() -> Vec<String> {
     std::fs::read_dir("/sys/class/net")
         .map(|dir| {
