@@ -330,7 +330,9 @@ impl Node {
             let names = crate::discovery::mdns::effective_interfaces(&config.mdns_interfaces);
             format!("on ({})", names.join(", "))
         } else {
-            "off".to_string()
+            // Said out loud: a node run outside the checkout has no conf/arknet.toml turning
+            // it on, and silence here once looked like discovery was broken.
+            "off (--mdns or discovery.mdns = true turns it on)".to_string()
         };
         let backends: Vec<String> = config
             .backends
