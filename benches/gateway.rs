@@ -401,7 +401,7 @@ fn start_arknet(
         _dir: dir,
     };
     let deadline = Instant::now() + READY_TIMEOUT;
-    let health = b"GET /health HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    let health = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     while probe_status(addr, health) != Some(200) {
         proc.assert_alive();
         assert!(
@@ -502,7 +502,7 @@ fn http_call(
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let body = body.unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -558,7 +558,7 @@ fn chat_request(stream: bool) -> Vec<u8> {
         "{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":{stream}}}"
     );
     format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     )

@@ -13,8 +13,10 @@
 //! | PUT | `/peers/{node_id or key}` | replace the peer's permissions |
 //! | GET | `/audit?limit=N` | the last N audit entries (default 100, at most 1000) |
 //!
-//! Mutations are accepted from loopback when no forwarding header is present (a local `curl`);
-//! anything else (through Nginx, from the LAN) needs `Authorization: Bearer <admin.token>`.
+//! Every route, reads included, is private ([`trust`], DESIGN §7): the owner (a program on the
+//! node talking to it directly, not on behalf of another site) needs nothing; anybody else
+//! (through Nginx, from the LAN) needs `Authorization: Bearer <admin.token>`. Changes take a
+//! JSON body only and are refused when a browser says another site sent them.
 //! Handlers are an axum [`Router`] so tests can drive them without sockets.
 
 use std::net::SocketAddr;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -39,7 +41,10 @@ use crate::gateway::NodeInfo;
 use crate::identity::PublicKey;
 use crate::peers::store::{ApprovedPeer, Permissions};
 use crate::peers::{ChangeError, PeerTable, Selector};
-use crate::session::{read_body_or_reply, Outcome};
+use crate::session::{read_body_or_reply, BodyLimits, Outcome};
+use trust::{HostPolicy, Refusal};
+
+pub mod trust;
 
 /// The admin page: one self-contained HTML file (no CDN, no build step), embedded in the
 /// binary. It calls the admin API with relative URLs, so it works at `/` and behind Nginx at
@@ -47,9 +52,7 @@ use crate::session::{read_body_or_reply, Outcome};
 pub const PAGE: &str = include_str!("admin/page.html");
 
 /// Largest admin request body.
-const MAX_ADMIN_BODY: usize = 1024 * 1024;
-/// Headers that mean "a proxy forwarded this": the loopback exemption does not apply.
-const FORWARDING_HEADERS: [&str; 4] = ["x-forwarded-for", "forwarded", "x-real-ip", "via"];
+pub const MAX_ADMIN_BODY: usize = 1024 * 1024;
 
 /// Where a request came from, attached by the listener.
 #[derive(Debug, Clone, Copy)]
@@ -61,8 +64,12 @@ pub struct AdminState {
     pub peers: Arc<PeerTable>,
     /// This node.
     pub node: NodeInfo,
-    /// Bearer token for non-local mutations.
+    /// Bearer token for callers other than the owner.
     pub token: String,
+    /// The `Host` names we answer to, and the names an admin page may be served from.
+    pub hosts: HostPolicy,
+    /// Body limits for admin requests (small; the node-wide budget).
+    pub bodies: BodyLimits,
     /// The audit log, for `/audit`.
     pub audit: Arc<crate::audit::AuditLog>,
 }
@@ -71,20 +78,28 @@ pub struct AdminState {
 #[derive(Clone)]
 pub struct Admin {
     router: Router,
+    bodies: BodyLimits,
+    hosts: HostPolicy,
 }
 
 impl Admin {
     /// Builds the router over `state`.
     pub fn new(state: Arc<AdminState>) -> Self {
         Admin {
+            bodies: state.bodies.clone(),
+            hosts: state.hosts.clone(),
             router: router(state),
         }
     }
 
+    /// The `Host` names the node answers to (the gateway checks every request against them).
+    pub fn hosts(&self) -> &HostPolicy {
+        &self.hosts
+    }
+
     /// Serves one admin request from a Pingora session through the router.
     pub async fn serve(&self, s: &mut ServerSession, path: &str) -> Outcome {
-        let body = match read_body_or_reply(s, MAX_ADMIN_BODY, crate::error::Dialect::OpenAi).await
-        {
+        let body = match read_body_or_reply(s, &self.bodies, crate::error::Dialect::OpenAi).await {
             Ok(b) => b,
             Err(outcome) => return outcome,
         };
@@ -100,7 +115,7 @@ impl Admin {
             builder = builder.header(name, value);
         }
         let client = ClientAddr(s.client_addr().and_then(|a| a.as_inet()).copied());
-        let request = match builder.extension(client).body(Body::from(body)) {
+        let request = match builder.extension(client).body(Body::from(body.bytes)) {
             Ok(r) => r,
             Err(e) => return reply(s, error(StatusCode::BAD_REQUEST, &e.to_string())).await,
         };
@@ -125,6 +140,9 @@ async fn reply(s: &mut ServerSession, response: Response) -> Outcome {
         let _ = h.append_header(name.clone(), value.clone());
     }
     let _ = h.insert_header(header::CONTENT_LENGTH, bytes.len().to_string());
+    for (name, value) in crate::session::OWN_HEADERS {
+        let _ = h.insert_header(name, value);
+    }
     let ok = s.write_response_header(Box::new(h)).await.is_ok()
         && s.write_response_body(bytes, true).await.is_ok();
     Outcome::answered(status, ok)
@@ -144,10 +162,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/peers/{id}", patch(patch_peer).put(put_peer))
         .route("/audit", get(audit))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            guard_mutations,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
@@ -183,6 +198,8 @@ fn error(status: StatusCode, message: &str) -> Response {
         StatusCode::UNAUTHORIZED => "admin_token_required",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::CONFLICT => "conflict",
+        StatusCode::FORBIDDEN => "cross_site_request",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         _ => "internal_error",
     };
     (
@@ -192,29 +209,33 @@ fn error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-async fn guard_mutations(
-    State(state): State<Arc<AdminState>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if req.method() == Method::GET || req.method() == Method::HEAD {
-        return next.run(req).await;
+/// The trust boundary in front of every admin route (see [`trust`]).
+async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let facts = trust::RequestFacts {
+        method: req.method(),
+        headers: req.headers(),
+        client_ip: req
+            .extensions()
+            .get::<ClientAddr>()
+            .and_then(|c| c.0)
+            .map(|a| a.ip()),
+        token_ok: bearer_matches(req.headers(), &state.token),
+    };
+    match trust::check_admin(&facts, &state.hosts) {
+        Ok(_) => next.run(req).await,
+        Err(Refusal::TokenRequired) => error(
+            StatusCode::UNAUTHORIZED,
+            "the admin API needs `Authorization: Bearer <token>` from here (the token is in the node's data dir, admin.token); only a program on the node itself, talking to it directly, needs none",
+        ),
+        Err(Refusal::CrossSite(why)) => error(
+            StatusCode::FORBIDDEN,
+            &format!("refused: another site sent this change ({why}); change approvals from the admin page or with curl on the node"),
+        ),
+        Err(Refusal::NotJson) => error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "admin changes take a JSON body with `Content-Type: application/json`",
+        ),
     }
-    let local = req
-        .extensions()
-        .get::<ClientAddr>()
-        .and_then(|c| c.0)
-        .is_some_and(|a| a.ip().is_loopback());
-    let forwarded = FORWARDING_HEADERS
-        .iter()
-        .any(|h| req.headers().contains_key(*h));
-    if (local && !forwarded) || bearer_matches(req.headers(), &state.token) {
-        return next.run(req).await;
-    }
-    error(
-        StatusCode::UNAUTHORIZED,
-        "changing approvals from here needs `Authorization: Bearer <token>` (the token is in the node's data dir, admin.token)",
-    )
 }
 
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
@@ -524,6 +545,11 @@ mod tests {
                 public_key: PublicKey::from_bytes([0; 32]),
             },
             token: "secret".into(),
+            hosts: HostPolicy::default(),
+            bodies: BodyLimits {
+                max_bytes: MAX_ADMIN_BODY,
+                budget: crate::session::BodyBudget::new(1 << 20),
+            },
             audit: Arc::new(crate::audit::AuditLog::open(dir, 1 << 20).expect("audit")),
         })
     }
@@ -539,6 +565,14 @@ mod tests {
         let mut b = HttpRequest::builder().method(method).uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
+        }
+        // Changes carry JSON, as every real client of the API sends it.
+        if method != "GET"
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            b = b.header("content-type", "application/json");
         }
         let req = b
             .extension(ClientAddr(Some(from.parse().expect("addr"))))
@@ -571,8 +605,13 @@ mod tests {
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["permissions"]["max_concurrent_requests"], 2);
         assert_eq!(v["permissions"]["can_request_inference"], true);
-        let (_, listed) = call(&st, "GET", "/peers/approved", "10.0.0.9:1", &[], "").await;
+        let (_, listed) = call(&st, "GET", "/peers/approved", "127.0.0.1:1", &[], "").await;
         assert_eq!(listed["peers"][0]["node_id"], "dave");
+        let (status, _) = call(&st, "GET", "/peers/approved", "10.0.0.9:1", &[], "").await;
+        assert_eq!(status, 401, "reads from elsewhere need the token");
+        let token = [("authorization", "Bearer secret")];
+        let (status, _) = call(&st, "GET", "/peers/approved", "10.0.0.9:1", &token, "").await;
+        assert_eq!(status, 200);
     }
 
     #[tokio::test]

@@ -10,6 +10,8 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::gateway::meter::TokenSource;
+
 /// File name inside the data dir.
 pub const FILE_NAME: &str = "audit.log";
 /// Size at which the log is rotated to `audit.log.1`.
@@ -52,6 +54,12 @@ pub struct AuditRecord {
     pub prompt_tokens_estimated: bool,
     /// Generated tokens.
     pub completion_tokens: Option<u64>,
+    /// Where the token counts come from: our backend, a peer's claim, or our own count.
+    #[serde(default)]
+    pub token_source: TokenSource,
+    /// The peer claimed counts its output cannot back; ours are recorded instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub claim_refused: bool,
     /// Milliseconds to the first response byte.
     pub ttft_ms: Option<f64>,
     /// Milliseconds to the end of the response.
@@ -165,6 +173,8 @@ mod tests {
             prompt_tokens: Some(3),
             prompt_tokens_estimated: false,
             completion_tokens: Some(5),
+            token_source: TokenSource::Backend,
+            claim_refused: false,
             ttft_ms: Some(1.5),
             latency_ms: 9.0,
         }

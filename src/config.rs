@@ -42,6 +42,19 @@ const DEFAULT_MODELS_REFRESH_SECS: u64 = 15;
 const DEFAULT_POOL_IDLE_SECS: u64 = 60;
 const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
 const DEFAULT_LOG_LEVEL: &str = "info";
+/// Host names the API answers to besides IP literals, `localhost` and this machine's names:
+/// `arknet` is the upstream name in the shipped Nginx snippet (nginx sends it as `Host`).
+const DEFAULT_ALLOWED_HOSTS: [&str; 1] = ["arknet"];
+/// A client has this long to send a whole request header (slowloris defence).
+const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+/// An idle keep-alive connection is closed after this long without a new request.
+const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 15;
+/// A mesh client has this long to finish the TLS handshake.
+const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+/// Connections one client address may hold open on a listener at once.
+const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// Request-body bytes held in memory across all requests at once; beyond it, 503.
+const DEFAULT_MAX_BODIES_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 
 /// A problem with a configuration file, phrased for the person editing it.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +165,7 @@ struct FileConfig {
 struct FileMesh {
     listen: SocketAddr,
     hello_interval_secs: u64,
+    handshake_timeout_secs: u64,
 }
 
 impl Default for FileMesh {
@@ -161,6 +175,7 @@ impl Default for FileMesh {
                 .parse()
                 .expect("default mesh address is valid"),
             hello_interval_secs: DEFAULT_HELLO_INTERVAL_SECS,
+            handshake_timeout_secs: DEFAULT_HANDSHAKE_TIMEOUT_SECS,
         }
     }
 }
@@ -217,6 +232,11 @@ struct FileApi {
     threads: Option<NonZeroUsize>,
     shutdown_grace_secs: u64,
     admin_token_file: PathBuf,
+    allowed_hosts: Vec<String>,
+    header_timeout_secs: u64,
+    idle_timeout_secs: u64,
+    max_connections_per_client: usize,
+    max_bodies_in_flight_bytes: NonZeroUsize,
 }
 
 impl Default for FileApi {
@@ -230,6 +250,12 @@ impl Default for FileApi {
             threads: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             admin_token_file: PathBuf::from(DEFAULT_ADMIN_TOKEN_FILE),
+            allowed_hosts: DEFAULT_ALLOWED_HOSTS.map(String::from).to_vec(),
+            header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_bodies_in_flight_bytes: NonZeroUsize::new(DEFAULT_MAX_BODIES_IN_FLIGHT_BYTES)
+                .expect("non-zero const"),
         }
     }
 }
@@ -329,6 +355,19 @@ pub struct UpstreamConfig {
     pub models_refresh: Duration,
 }
 
+/// How long and how many connections clients may hold, on both listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time to read a whole request header on a new connection.
+    pub header_timeout: Duration,
+    /// Time a keep-alive connection may sit idle between requests.
+    pub idle_timeout: Duration,
+    /// Time to finish a TLS handshake (mesh listener).
+    pub handshake_timeout: Duration,
+    /// Open connections per client IP address; 0 means no limit.
+    pub max_per_client: usize,
+}
+
 /// The validated configuration a node runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -350,6 +389,12 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Admin token file; relative paths are inside the data dir.
     pub admin_token_file: PathBuf,
+    /// Extra `Host` names the API listener answers to (Nginx upstream names, LAN names).
+    pub allowed_hosts: Vec<String>,
+    /// Timeouts and per-client bounds of client connections.
+    pub connections: ConnectionLimits,
+    /// Request-body bytes held in memory at once across all requests.
+    pub max_bodies_in_flight_bytes: usize,
     /// Mesh listener address.
     pub mesh_listen: SocketAddr,
     /// Period of hellos to approved peers.
@@ -491,6 +536,20 @@ impl Config {
             threads: file.api.threads.map(NonZeroUsize::get),
             shutdown_grace_secs: file.api.shutdown_grace_secs,
             admin_token_file: file.api.admin_token_file,
+            allowed_hosts: file
+                .api
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            connections: ConnectionLimits {
+                header_timeout: Duration::from_secs(file.api.header_timeout_secs.max(1)),
+                idle_timeout: Duration::from_secs(file.api.idle_timeout_secs.max(1)),
+                handshake_timeout: Duration::from_secs(file.mesh.handshake_timeout_secs.max(1)),
+                max_per_client: file.api.max_connections_per_client,
+            },
+            max_bodies_in_flight_bytes: file.api.max_bodies_in_flight_bytes.get(),
             mesh_listen: file.mesh.listen,
             hello_interval: Duration::from_secs(file.mesh.hello_interval_secs.max(1)),
             static_peers: file.discovery.static_peers,

@@ -167,10 +167,59 @@ impl ApiError {
         Self::new(504, "backend_timeout", detail)
     }
 
+    /// 503: the node holds as many request bodies in memory as it allows; retry shortly.
+    pub fn overloaded() -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                503,
+                "overloaded",
+                "the node is holding as many request bodies as it allows; retry shortly",
+            )
+        }
+    }
+
+    /// 503: this client address holds as many connections as one client may.
+    pub fn too_many_connections(limit: usize) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                503,
+                "too_many_connections",
+                format!("this address already holds {limit} connections to the node"),
+            )
+        }
+    }
+
+    /// 501: a `Transfer-Encoding` other than plain `chunked` (RFC 9112 §6.1).
+    pub fn unsupported_transfer_coding(coding: &str) -> Self {
+        Self::new(
+            501,
+            "unsupported_transfer_coding",
+            format!(
+                "Transfer-Encoding `{coding}` is not supported; send `chunked` or a Content-Length"
+            ),
+        )
+    }
+
+    /// 421: the `Host` is not a name this node answers to (DNS rebinding defence).
+    pub fn misdirected(host: &str) -> Self {
+        Self::new(
+            421,
+            "unknown_host",
+            format!("this node does not answer to Host `{host}`; add it to api.allowed_hosts if it is yours"),
+        )
+    }
+
+    /// 403: a change to approvals that the owner did not demonstrably make.
+    pub fn not_owner(message: impl Into<String>) -> Self {
+        Self::new(403, "cross_site_request", message)
+    }
+
     /// OpenAI `error.type` for this status.
     fn openai_type(&self) -> &'static str {
         match self.status {
-            400 | 404 | 405 | 413 => "invalid_request_error",
+            400 | 404 | 405 | 413 | 415 | 421 | 501 => "invalid_request_error",
             403 => "permission_error",
             429 | 503 => "server_busy",
             _ => "api_error",

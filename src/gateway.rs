@@ -30,16 +30,20 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::header;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::admin::trust::HostPolicy;
 use crate::admin::Admin;
-use crate::error::Dialect;
+use crate::error::{ApiError, Dialect};
 use crate::grid::Grid;
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
 use crate::relay::{LocalRelay, ModelRequest};
-use crate::session::{read_model_request, reply, reply_error, reply_json, Handler, Outcome};
+use crate::session::{
+    read_model_request, reply, reply_error, reply_json, reply_with, BodyLimits, Handler, Outcome,
+};
 use crate::upstream::Backend;
 use request::{classify, dialect_of, strip_prefix, Endpoint};
 
@@ -56,11 +60,12 @@ pub struct NodeInfo {
 pub struct Gateway {
     node: NodeInfo,
     path_prefix: String,
-    max_body_bytes: usize,
+    bodies: BodyLimits,
     relay: Arc<LocalRelay>,
     grid: Arc<Grid>,
     admin: Admin,
     metrics: Arc<Metrics>,
+    hosts: HostPolicy,
 }
 
 #[async_trait]
@@ -71,12 +76,26 @@ impl Handler for Gateway {
         let path = strip_prefix(s.req_header().uri.path(), &self.path_prefix).to_string();
         let route = route_label(&path);
         let dialect = dialect_of(&path);
-        let outcome = match classify(&s.req_header().method, &path) {
+        let host = s.req_header().headers.get(header::HOST);
+        let host = host.map(|h| h.to_str().unwrap_or("\u{fffd}"));
+        let endpoint = match self.hosts.allows(host) {
+            true => classify(&s.req_header().method, &path),
+            false => Err(ApiError::misdirected(host.unwrap_or_default())),
+        };
+        let outcome = match endpoint {
             Err(e) => reply_error(s, dialect, &e).await,
             Ok(Endpoint::Admin) => self.admin.serve(s, &path).await,
             Ok(Endpoint::AdminPage) => {
                 let page = Bytes::from_static(crate::admin::PAGE.as_bytes());
-                let ok = reply(s, 200, "text/html; charset=utf-8", page, None).await;
+                // No other site may frame the page and trick the owner into clicking Approve.
+                let framing = [
+                    (
+                        "content-security-policy",
+                        "frame-ancestors 'none'".to_string(),
+                    ),
+                    ("x-frame-options", "DENY".to_string()),
+                ];
+                let ok = reply_with(s, 200, "text/html; charset=utf-8", page, &framing).await;
                 Outcome::answered(200, ok)
             }
             Ok(Endpoint::Health) => reply_json(s, 200, &self.health()).await,
@@ -105,11 +124,13 @@ impl Gateway {
         grid: Arc<Grid>,
         admin: Admin,
         metrics: Arc<Metrics>,
+        bodies: BodyLimits,
     ) -> Self {
         Gateway {
             node,
             path_prefix: config.path_prefix.clone(),
-            max_body_bytes: config.max_body_bytes,
+            bodies,
+            hosts: admin.hosts().clone(),
             relay,
             grid,
             admin,
@@ -148,10 +169,14 @@ impl Gateway {
         path: &str,
         started: Instant,
     ) -> Outcome {
-        let (body, model) = match read_model_request(s, self.max_body_bytes, dialect).await {
+        let (body, model) = match read_model_request(s, &self.bodies, dialect).await {
             Ok(read) => read,
             Err(outcome) => return outcome,
         };
+        let crate::session::Body {
+            bytes: body,
+            lease: _lease,
+        } = body;
         let req = ModelRequest {
             dialect,
             path,

@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, AuditRecord, Direction};
 use crate::catalog::synthesized_entry;
 use crate::error::{ApiError, Dialect};
-use crate::gateway::meter::TokenMeter;
+use crate::gateway::meter::{TokenMeter, Tokens};
 use crate::gateway::sanitize;
 use crate::gateway::translate;
 use crate::identity::PublicKey;
@@ -238,7 +238,7 @@ impl Grid {
                 &c.node_id,
                 req.model,
                 &Outcome::failed(status),
-                TokenMeter::default(),
+                TokenMeter::default().finish(),
                 started,
                 started_at,
                 Some(error),
@@ -292,7 +292,7 @@ impl Grid {
             &c.node_id,
             req.model,
             &outcome,
-            meter,
+            meter.finish_claimed(body.len()),
             started,
             started_at,
             None,
@@ -414,12 +414,11 @@ pub fn record_peer_request(
     peer: &str,
     model: &str,
     outcome: &Outcome,
-    meter: TokenMeter,
+    tokens: Tokens,
     started: Instant,
     started_at: SystemTime,
     error: Option<String>,
 ) {
-    let tokens = meter.finish();
     let (prompt, completion) = (tokens.prompt, tokens.completion);
     // A cut response went out as 200; what the peer got (or we got) was not a full answer.
     let (status, error) = match outcome.cut {
@@ -457,6 +456,8 @@ pub fn record_peer_request(
         prompt_tokens: prompt,
         prompt_tokens_estimated: tokens.prompt_estimated,
         completion_tokens: completion,
+        token_source: tokens.source,
+        claim_refused: tokens.claim_refused,
         ttft_ms: outcome
             .first_byte
             .map(|t| t.duration_since(started).as_secs_f64() * 1000.0),

@@ -40,6 +40,9 @@ const ANIMALS: [&str; 64] = [
     "otter", "owl", "panda", "puma", "quail", "raven", "seal", "shark", "sloth", "snail", "swan",
     "tiger", "toad", "trout", "viper", "whale", "wolf", "wombat", "yak", "zebra",
 ];
+/// How long a TLS leaf issued at start stays valid; a node running longer must restart to
+/// renew it (peers refuse an expired leaf).
+pub const LEAF_VALIDITY: time::Duration = time::Duration::days(397);
 /// PKCS#8 v1 header for an Ed25519 private key (RFC 8410): BoringSSL refuses the v2 documents
 /// ring writes, so the key is stored in this form.
 const PKCS8_V1_ED25519_PREFIX: [u8; 16] = [
@@ -232,8 +235,24 @@ impl Identity {
     }
 
     /// Issues a fresh TLS leaf under this identity and writes it (with its chain) next to the
-    /// identity, key file mode 0600.
+    /// identity, key file mode 0600. It is valid from an hour ago (peers' clocks differ a
+    /// little) for [`LEAF_VALIDITY`].
     pub fn issue_tls_leaf(&self) -> Result<TlsLeaf, IdentityError> {
+        let now = time::OffsetDateTime::now_utc();
+        let leaf = self.leaf_valid(now - time::Duration::hours(1), now + LEAF_VALIDITY)?;
+        write_atomic(&self.dir.join(TLS_KEY_FILE), leaf.key_pem.as_bytes(), 0o600)?;
+        let chain = format!("{}{}", leaf.cert_pem, leaf.identity_pem);
+        write_atomic(&self.dir.join(TLS_CHAIN_FILE), chain.as_bytes(), 0o644)?;
+        Ok(leaf)
+    }
+
+    /// A TLS leaf under this identity valid from `not_before` to `not_after`, not written
+    /// anywhere (tests use it to present expired or future leaves).
+    pub fn leaf_valid(
+        &self,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<TlsLeaf, IdentityError> {
         let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(vec!["arknet".to_string()])?;
         params.distinguished_name.push(
@@ -246,20 +265,15 @@ impl Identity {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let issuer_params = identity_params(&self.public_key)?;
         let issuer = rcgen::Issuer::from_params(&issuer_params, &self.key_pair);
-        let cert_pem = params.signed_by(&leaf_key, &issuer)?.pem();
-        let leaf = TlsLeaf {
-            cert_pem,
+        Ok(TlsLeaf {
+            cert_pem: params.signed_by(&leaf_key, &issuer)?.pem(),
             key_pem: leaf_key.serialize_pem(),
             identity_pem: self.cert_pem.clone(),
-        };
-        write_atomic(&self.dir.join(TLS_KEY_FILE), leaf.key_pem.as_bytes(), 0o600)?;
-        let chain = format!("{}{}", leaf.cert_pem, leaf.identity_pem);
-        write_atomic(&self.dir.join(TLS_CHAIN_FILE), chain.as_bytes(), 0o644)?;
-        Ok(leaf)
+        })
     }
 
     /// Node id derived from the hostname and the key, for nodes that configure none:

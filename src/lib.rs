@@ -41,6 +41,7 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::admin::trust::HostPolicy;
 use crate::admin::{Admin, AdminState};
 use crate::audit::AuditLog;
 use crate::catalog::{Catalog, CatalogRefresh};
@@ -54,7 +55,7 @@ use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::peers::PeerTable;
 use crate::relay::LocalRelay;
-use crate::session::App;
+use crate::session::{App, BodyBudget, BodyLimits};
 use crate::upstream::{Backend, Upstream};
 
 /// Why a node could not start.
@@ -215,10 +216,22 @@ impl Node {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
         };
+        let budget = BodyBudget::new(config.max_bodies_in_flight_bytes);
+        let bodies = BodyLimits {
+            max_bytes: config.max_body_bytes,
+            budget: budget.clone(),
+        };
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+        let hosts = HostPolicy::new(&config.allowed_hosts, hostname.as_deref());
         let admin = Admin::new(Arc::new(AdminState {
             peers: peers.clone(),
             node: node.clone(),
             token,
+            hosts,
+            bodies: BodyLimits {
+                max_bytes: admin::MAX_ADMIN_BODY,
+                budget,
+            },
             audit: audit.clone(),
         }));
         let client = Arc::new(MeshClient::new(
@@ -243,6 +256,7 @@ impl Node {
             grid,
             admin,
             metrics.clone(),
+            bodies.clone(),
         );
         let mesh = Mesh::new(
             node,
@@ -251,7 +265,7 @@ impl Node {
             mesh_relay,
             audit,
             metrics.clone(),
-            config.max_body_bytes,
+            bodies,
         );
         // Without mDNS there is no goodbye to wait for at shutdown.
         let background_done = Arc::new(std::sync::atomic::AtomicBool::new(!config.mdns));
@@ -292,17 +306,13 @@ impl Node {
             background_done,
             std::time::Duration::from_secs(config.shutdown_grace_secs),
         );
-        let mut api = Service::new(
-            "arknet api".to_string(),
-            App::new(gateway, in_flight.clone()),
-        );
+        let limits = config.connections.clone();
+        let api_app = App::new(gateway, limits.clone()).counting(in_flight.clone());
+        let mut api = Service::new("arknet api".to_string(), api_app);
         api.add_tcp(&config.api_listen.to_string());
-        let mut mesh_service = Service::new("arknet mesh".to_string(), App::new(mesh, in_flight));
-        mesh_service.add_tls_with_settings(
-            &config.mesh_listen.to_string(),
-            None,
-            tls.server_settings()?,
-        );
+        let mesh_app = App::with_tls(mesh, limits, tls.server_acceptor()?).counting(in_flight);
+        let mut mesh_service = Service::new("arknet mesh".to_string(), mesh_app);
+        mesh_service.add_tcp(&config.mesh_listen.to_string());
         server.add_service(api);
         server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::peers::store::ApprovedPeer;
 use crate::peers::{PeerTable, Source};
 use crate::relay::{LocalRelay, ModelRequest};
-use crate::session::{read_model_request, reply_error, reply_json, Handler, Outcome};
+use crate::session::{read_model_request, reply_error, reply_json, BodyLimits, Handler, Outcome};
 use authz::Denied;
 use tls::PeerIdentity;
 
@@ -57,7 +57,7 @@ pub struct Mesh {
     relay: Arc<LocalRelay>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
-    max_body_bytes: usize,
+    bodies: BodyLimits,
 }
 
 #[async_trait]
@@ -115,7 +115,7 @@ impl Handler for Mesh {
             &peer.node_id,
             &model,
             &outcome,
-            meter,
+            meter.finish(),
             started,
             started_at,
             error,
@@ -133,7 +133,7 @@ impl Mesh {
         relay: Arc<LocalRelay>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
-        max_body_bytes: usize,
+        bodies: BodyLimits,
     ) -> Self {
         Mesh {
             node,
@@ -142,7 +142,7 @@ impl Mesh {
             relay,
             audit,
             metrics,
-            max_body_bytes,
+            bodies,
         }
     }
 
@@ -162,10 +162,14 @@ impl Mesh {
         let Some(runtime) = self.peers.runtime(&peer.public_key) else {
             return self.deny(s, dialect, &Denied::Unknown).await;
         };
-        let (body, model) = match read_model_request(s, self.max_body_bytes, dialect).await {
+        let (body, model) = match read_model_request(s, &self.bodies, dialect).await {
             Ok(read) => read,
             Err(outcome) => return outcome,
         };
+        let crate::session::Body {
+            bytes: body,
+            lease: _lease,
+        } = body;
         *meter = TokenMeter::for_request(&body);
         let permit = match authz::authorize(peer, &model) {
             Ok(permit) => permit,
@@ -242,6 +246,8 @@ impl Mesh {
             prompt_tokens: None,
             prompt_tokens_estimated: false,
             completion_tokens: None,
+            token_source: crate::gateway::meter::TokenSource::Counted,
+            claim_refused: false,
             ttft_ms: None,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         });

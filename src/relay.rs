@@ -697,19 +697,48 @@ fn upstream_request(
     Ok(h)
 }
 
-/// The response header sent to the client: the backend's, minus hop-by-hop headers, chunked
-/// when the backend gave no length.
-fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
-    let mut h = ResponseHeader::build_no_case(up.status, Some(up.headers.len() + 1))
-        .expect("invariant: a status the backend sent is valid");
-    for (name, value) in up.headers.iter() {
-        if !NOT_FORWARDED.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
-            let _ = h.append_header(name.clone(), value.clone());
+/// The response header sent to the client, rebuilt from an allow-list (DESIGN §6 in the other
+/// direction): the status, the dialect's own content type, the framing (length or chunked),
+/// `Retry-After` on 429/503, and our own `no-store`/`nosniff`. Nothing else a backend or a peer
+/// sends (cookies, CORS grants, redirects, its `Server`) reaches a client that shares an origin
+/// with the admin page.
+pub fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
+    // A status outside the final range (an upgrade, an interim answer) is not a model answer.
+    let status = match up.status.as_u16() {
+        200..=599 => up.status,
+        _ => http::StatusCode::BAD_GATEWAY,
+    };
+    let mut h = ResponseHeader::build_no_case(status, Some(6))
+        .expect("invariant: a status in 200..=599 is valid");
+    let content_type = match stream_dialect(up) {
+        Some(Dialect::OpenAi) => "text/event-stream",
+        Some(Dialect::Ollama) => "application/x-ndjson",
+        None => "application/json",
+    };
+    let _ = h.insert_header(header::CONTENT_TYPE, content_type);
+    let length = up
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(n) => {
+            let _ = h.insert_header(header::CONTENT_LENGTH, n.to_string());
+        }
+        None => {
+            let _ = h.insert_header(header::TRANSFER_ENCODING, "chunked");
         }
     }
-    if !h.headers.contains_key(header::CONTENT_LENGTH) {
-        let _ = h.insert_header(header::TRANSFER_ENCODING, "chunked");
+    let retry_after = up
+        .headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if let (Some(secs), 429 | 503) = (retry_after, status.as_u16()) {
+        let _ = h.insert_header(header::RETRY_AFTER, secs.min(3600).to_string());
     }
+    let _ = h.insert_header(header::CACHE_CONTROL, "no-store");
+    let _ = h.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     h
 }
 

@@ -403,7 +403,7 @@ fn through_nginx_the_page_needs_the_admin_token_and_warns_about_a_corrupt_approv
     let shown = error.chars().take(30).collect::<String>();
     browser_step(
         &shots,
-        json!({"step": "banner", "prefix": "2-", "url": url, "expect_visible": true, "expect_text": shown}),
+        json!({"step": "banner", "prefix": "2-", "url": url, "expect_visible": true, "expect_text": shown, "preset_token": token}),
         &[&a],
     );
     std::fs::write(&file, good).expect("restore the file");
@@ -414,7 +414,115 @@ fn through_nginx_the_page_needs_the_admin_token_and_warns_about_a_corrupt_approv
     );
     browser_step(
         &shots,
-        json!({"step": "banner", "prefix": "3-", "url": url, "expect_visible": false}),
+        json!({"step": "banner", "prefix": "3-", "url": url, "expect_visible": false, "preset_token": token}),
         &[&a],
+    );
+}
+
+/// The attacker's page: fetch() and a `text/plain` form against the node's admin API.
+const HOSTILE_PAGE: &str = r#"<!doctype html><html><head><title>cute cats</title></head><body>
+<pre id="report"></pre>
+<form id="f" method="POST" action="TARGET/peers/approve" enctype="text/plain" target="sink">
+<input name='{"node_id":"form-mallory","public_key":"AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=","x":"' value='"}'>
+</form>
+<iframe name="sink"></iframe>
+<script>
+const T = "TARGET";
+const out = [];
+const log = (s) => { out.push(s); document.getElementById("report").textContent = out.join("\n"); };
+(async () => {
+  const body = JSON.stringify({node_id: "fetch-mallory", public_key: "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", endpoint: "127.0.0.1:1"});
+  try { await fetch(T + "/peers/approve", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body}); log("simple POST: sent"); }
+  catch (e) { log("simple POST: " + e.name); }
+  try { const r = await fetch(T + "/peers/approve", {method: "POST", headers: {"Content-Type": "application/json"}, body}); log("JSON POST: status " + r.status); }
+  catch (e) { log("JSON POST: blocked (" + e.name + ")"); }
+  try { const r = await fetch(T + "/peers/approved"); log("read: " + (await r.text()).slice(0, 200)); }
+  catch (e) { log("read: blocked (" + e.name + ")"); }
+  document.getElementById("f").submit();
+  log("form: submitted");
+  await new Promise((r) => setTimeout(r, 1500));
+  const d = document.createElement("div"); d.id = "done"; document.body.appendChild(d);
+})();
+</script></body></html>"#;
+
+/// Serves `page` for every request on a fresh loopback address, until the test ends.
+fn serve_page(page: String) -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((loopback_ip(), 0)).expect("bind page server");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                page.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(page.as_bytes());
+        }
+    });
+    addr
+}
+
+/// Requests the node answered on admin routes with `status`, from its metrics.
+fn admin_answers(node: &NodeProc, status: u16) -> f64 {
+    let want = format!("status=\"{status}\"");
+    node.get("/metrics")
+        .text()
+        .lines()
+        .filter(|l| {
+            l.starts_with("arknet_http_requests_total{")
+                && l.contains("route=\"admin\"")
+                && l.contains(&want)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_hostile_page_in_the_owners_browser_changes_and_reads_nothing() {
+    let (_backend, node) = node_with_backend(&["llama3.1:8b"], "");
+    let target = format!("http://{}", node.api);
+    let evil = serve_page(HOSTILE_PAGE.replace("TARGET", &target));
+    let shots = screenshots_dir("hostile_page");
+    let served_before = admin_answers(&node, 200);
+    browser_step(
+        &shots,
+        json!({
+            "step": "attack",
+            "url": format!("{target}/"),
+            "evil_url": format!("http://{evil}/"),
+            "rebind_url": format!("http://evil.example:{}/peers/approved", node.api.port()),
+            "resolver_rules": format!("MAP evil.example {}", node.api.ip()),
+        }),
+        &[&node],
+    );
+    assert_eq!(
+        admin_answers(&node, 200),
+        served_before,
+        "an admin call from the page succeeded"
+    );
+    let approved = node.get("/peers/approved").json();
+    assert_eq!(
+        approved["peers"],
+        json!([]),
+        "the page approved someone: {approved}"
+    );
+    assert!(
+        node.get("/peers/discovered").json()["peers"]
+            .as_array()
+            .is_none_or(|p| p.is_empty()),
+        "no endpoint was dialled"
+    );
+    // The attempts did reach the node (the browser sent them) and were refused there.
+    assert!(
+        admin_answers(&node, 403) >= 2.0,
+        "the simple POST and the form were refused with 403"
+    );
+    assert!(
+        admin_answers(&node, 421) >= 1.0,
+        "the rebound name was refused with 421"
     );
 }

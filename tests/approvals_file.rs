@@ -156,7 +156,7 @@ fn kill_9_during_approval_churn_never_loses_an_acknowledged_approval() {
                     let old = format!("churn-{}", n - 1);
                     let body = json!({"node_id": old}).to_string();
                     let raw = format!(
-                        "POST /peers/revoke HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                        "POST /peers/revoke HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                         body.len()
                     );
                     match http::try_send_raw(api, raw.as_bytes(), Duration::from_secs(5)) {
@@ -229,7 +229,7 @@ fn approve_raw(id: &str, key: &str) -> Vec<u8> {
     let body = json!({"node_id": id, "public_key": key, "permissions": {"models_shared": ["m"]}})
         .to_string();
     format!(
-        "POST /peers/approve HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /peers/approve HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()

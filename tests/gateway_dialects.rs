@@ -258,7 +258,7 @@ fn client_connection_is_kept_alive_across_requests() {
     for _ in 0..3 {
         write!(
             conn,
-            "POST /api/generate HTTP/1.1\r\nHost: n\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .expect("write");

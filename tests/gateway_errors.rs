@@ -102,7 +102,7 @@ fn oversized_body_is_413_by_declared_length_and_by_chunked_count() {
     );
     assert_openai_error(&rsp, 413, "request_too_large");
     let chunked = format!(
-        "POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        "POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
         big.len()
     );
     assert_ollama_error(&http::send_raw(node.api, chunked.as_bytes()), 413);

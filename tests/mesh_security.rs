@@ -195,7 +195,7 @@ fn hostile_and_out_of_bounds_peer_requests_never_reach_the_backend() {
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let garbage: Vec<u8> = if i % 2 == 0 {
-            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}".to_vec()
+            b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}".to_vec()
         } else {
             [0x16, 0x03, 0x01, 0xff, 0xff]
                 .iter()

@@ -196,7 +196,7 @@ fn admin_changes_through_nginx_need_the_token_and_loopback_needs_none() {
         assert!(approved_ids(&node).contains(&via_nginx));
         approved_via_nginx.push(via_nginx);
 
-        // Reading needs no token, and the admin page comes through the prefix.
+        // Reading needs the token too (the admin page itself is public), through the prefix.
         let page = http::get(front, "/arknet/");
         assert_eq!(page.status, 200, "{}", page.text());
         assert!(
@@ -210,7 +210,15 @@ fn admin_changes_through_nginx_need_the_token_and_loopback_needs_none() {
             "{}",
             page.text()
         );
-        assert_eq!(http::get(front, "/arknet/peers/approved").status, 200);
+        assert_eq!(http::get(front, "/arknet/peers/approved").status, 401);
+        let read = http::request(
+            front,
+            "GET",
+            "/arknet/peers/approved",
+            &[("Authorization", &bearer)],
+            b"",
+        );
+        assert_eq!(read.status, 200, "{}", read.text());
     }
 
     // Straight from loopback, but with a forwarding header (a proxy on this host): token needed.

@@ -5,17 +5,68 @@
 //! backend's own figures (`usage`, `prompt_eval_count`/`eval_count`); when a stream carries none,
 //! generated tokens are the number of content events, and prompt tokens are estimated from the
 //! request (about four characters a token) and marked as estimated.
+//!
+//! A peer's figures are only its claim: [`TokenMeter::finish_claimed`] bounds them by what was
+//! actually relayed (content events and body bytes) and by the size of the request we sent,
+//! and falls back to our own count when a claim cannot be true.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Longest partial line kept between chunks; longer lines are not accounted.
-const MAX_PENDING: usize = 256 * 1024;
+/// Slack for tokens that produce no visible output (end-of-turn and other special tokens).
+const SPECIAL_TOKEN_SLACK: u64 = 16;
+/// Most tokens a single stream event may carry (servers that batch under load send several).
+const TOKENS_PER_EVENT: u64 = 8;
+/// Prompt tokens a chat template may add beyond the request's own bytes.
+const TEMPLATE_SLACK: u64 = 1024;
+
+/// Where the token counts of an audited request come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// Our own backend's figures (`usage`, `eval_count`).
+    #[default]
+    Backend,
+    /// The peer's figures, within what the relayed bytes make possible.
+    PeerClaim,
+    /// Counted here from the relayed stream (no figures, or a claim that could not be true).
+    Counted,
+}
+
+/// Token counts of one response and where they come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tokens {
+    /// Prompt tokens.
+    pub prompt: Option<u64>,
+    /// Generated tokens.
+    pub completion: Option<u64>,
+    /// Where the figures come from.
+    pub source: TokenSource,
+    /// A peer claimed counts that what it relayed cannot back; they were replaced.
+    pub claim_refused: bool,
+    /// `prompt` is an estimate from the request text: the response carried no prompt count.
+    pub prompt_estimated: bool,
+}
+
+impl Tokens {
+    /// Fills a missing prompt count with `estimate`, marked as estimated.
+    fn or_estimated_prompt(mut self, estimate: Option<u64>) -> Self {
+        if self.prompt.is_none() && estimate.is_some() {
+            self.prompt = estimate;
+            self.prompt_estimated = true;
+        }
+        self
+    }
+}
 
 /// Characters per token assumed when a prompt's tokens must be estimated: the usual figure
 /// for English text with BPE tokenizers.
 const CHARS_PER_TOKEN: usize = 4;
 /// Longest error message kept from a stream's error event.
 const MAX_ERROR_LEN: usize = 200;
+
+/// Longest partial line kept between chunks; longer lines are not accounted.
+const MAX_PENDING: usize = 256 * 1024;
 
 /// Running token counts of one response.
 #[derive(Debug, Default)]
@@ -24,19 +75,9 @@ pub struct TokenMeter {
     prompt: Option<u64>,
     generated: Option<u64>,
     content_events: u64,
+    relayed_bytes: u64,
     prompt_estimate: Option<u64>,
     stream_error: Option<String>,
-}
-
-/// Token counts of a finished response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Tokens {
-    /// Prompt tokens: the backend's figure, else the estimate.
-    pub prompt: Option<u64>,
-    /// Generated tokens.
-    pub completion: Option<u64>,
-    /// `prompt` is an estimate from the request text, not the backend's count.
-    pub prompt_estimated: bool,
 }
 
 impl TokenMeter {
@@ -58,6 +99,7 @@ impl TokenMeter {
 
     /// Inspects the next piece of the response body.
     pub fn observe(&mut self, chunk: &[u8]) {
+        self.relayed_bytes += chunk.len() as u64;
         self.pending.extend_from_slice(chunk);
         while let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=nl).collect();
@@ -68,25 +110,86 @@ impl TokenMeter {
         }
     }
 
-    /// Prompt and generated token counts, once the body has ended.
-    pub fn finish(mut self) -> Tokens {
+    /// Our own backend's counts, once the body has ended; a missing prompt count is estimated
+    /// from the request (see [`TokenMeter::for_request`]).
+    pub fn finish(self) -> Tokens {
+        let estimate = self.prompt_estimate;
+        self.own_counts().or_estimated_prompt(estimate)
+    }
+
+    /// A peer's counts, once the body has ended, checked against what it relayed and the
+    /// `request_bytes` we sent it: a claim no output could produce is replaced by our count.
+    /// A missing prompt count is estimated from the request.
+    pub fn finish_claimed(self, request_bytes: usize) -> Tokens {
+        let estimate = self.prompt_estimate;
+        self.claimed_counts(request_bytes)
+            .or_estimated_prompt(estimate)
+    }
+
+    fn own_counts(self) -> Tokens {
+        let (prompt, completion, reported) = self.counts();
+        Tokens {
+            prompt,
+            completion,
+            source: if reported {
+                TokenSource::Backend
+            } else {
+                TokenSource::Counted
+            },
+            claim_refused: false,
+            prompt_estimated: false,
+        }
+    }
+
+    fn claimed_counts(self, request_bytes: usize) -> Tokens {
+        let events = self.content_events;
+        let relayed = self.relayed_bytes;
+        let (prompt, completion, reported) = self.counts();
+        if !reported {
+            return Tokens {
+                prompt,
+                completion,
+                source: TokenSource::Counted,
+                claim_refused: false,
+                prompt_estimated: false,
+            };
+        }
+        // Every generated token shows up as at least one byte of the body; a stream carries a
+        // bounded number per event.
+        let mut completion_cap = relayed + SPECIAL_TOKEN_SLACK;
+        if events > 0 {
+            completion_cap = completion_cap.min(events * TOKENS_PER_EVENT + SPECIAL_TOKEN_SLACK);
+        }
+        let prompt_cap = request_bytes as u64 + TEMPLATE_SLACK;
+        let believable = completion.is_none_or(|n| n <= completion_cap)
+            && prompt.is_none_or(|n| n <= prompt_cap);
+        if believable {
+            return Tokens {
+                prompt,
+                completion,
+                source: TokenSource::PeerClaim,
+                claim_refused: false,
+                prompt_estimated: false,
+            };
+        }
+        Tokens {
+            prompt: None,
+            completion: (events > 0).then_some(events),
+            source: TokenSource::Counted,
+            claim_refused: true,
+            prompt_estimated: false,
+        }
+    }
+
+    /// Prompt and generated counts, and whether they are the backend's own figures.
+    fn counts(mut self) -> (Option<u64>, Option<u64>, bool) {
         let rest = std::mem::take(&mut self.pending);
         self.line(&rest);
-        let completion = self
+        let reported = self.generated.is_some() || self.prompt.is_some();
+        let generated = self
             .generated
             .or((self.content_events > 0).then_some(self.content_events));
-        match (self.prompt, self.prompt_estimate) {
-            (Some(n), _) => Tokens {
-                prompt: Some(n),
-                completion,
-                prompt_estimated: false,
-            },
-            (None, estimate) => Tokens {
-                prompt: estimate,
-                completion,
-                prompt_estimated: estimate.is_some(),
-            },
-        }
+        (self.prompt, generated, reported)
     }
 
     fn line(&mut self, line: &[u8]) {
@@ -187,10 +290,54 @@ fn has_content(json: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn counts(m: TokenMeter) -> (Option<u64>, Option<u64>) {
-        let t = m.finish();
-        assert!(!t.prompt_estimated);
+    fn pair(t: Tokens) -> (Option<u64>, Option<u64>) {
         (t.prompt, t.completion)
+    }
+
+    #[test]
+    fn a_peer_claim_that_the_stream_backs_is_kept_as_its_claim() {
+        let mut m = TokenMeter::default();
+        for _ in 0..5 {
+            m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
+        }
+        m.observe(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":5}}\n\n",
+        );
+        let t = m.finish_claimed(200);
+        assert_eq!(
+            (t.prompt, t.completion, t.source, t.claim_refused),
+            (Some(30), Some(5), TokenSource::PeerClaim, false)
+        );
+    }
+
+    #[test]
+    fn an_inflated_peer_claim_is_replaced_by_our_count() {
+        let mut m = TokenMeter::default();
+        for _ in 0..3 {
+            m.observe(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n");
+        }
+        m.observe(b"{\"done\":true,\"prompt_eval_count\":999999999,\"eval_count\":999999999}\n");
+        let t = m.finish_claimed(120);
+        assert_eq!(
+            (t.prompt, t.completion, t.source, t.claim_refused),
+            (None, Some(3), TokenSource::Counted, true)
+        );
+        // The prompt alone can give a claim away too.
+        let mut m = TokenMeter::default();
+        m.observe(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"done\":true,\"prompt_eval_count\":5000,\"eval_count\":1}\n");
+        assert!(m.finish_claimed(100).claim_refused);
+    }
+
+    #[test]
+    fn a_non_streamed_claim_is_bounded_by_the_body() {
+        let body = b"{\"choices\":[{\"message\":{\"content\":\"hi\"}}],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":100000}}";
+        let mut m = TokenMeter::default();
+        m.observe(body);
+        let t = m.finish_claimed(500);
+        assert!(t.claim_refused);
+        let mut m = TokenMeter::default();
+        m.observe(b"{\"choices\":[{\"message\":{\"content\":\"hi\"}}],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2}}");
+        assert_eq!(m.finish_claimed(500).source, TokenSource::PeerClaim);
     }
 
     #[test]
@@ -229,7 +376,7 @@ mod tests {
         let mut m = TokenMeter::default();
         m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choi");
         m.observe(b"ces\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n");
-        assert_eq!(counts(m), (Some(7), Some(2)));
+        assert_eq!(pair(m.finish()), (Some(7), Some(2)));
     }
 
     #[test]
@@ -239,7 +386,7 @@ mod tests {
             m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
         }
         m.observe(b"data: [DONE]\n\n");
-        assert_eq!(counts(m), (None, Some(5)));
+        assert_eq!(pair(m.finish()), (None, Some(5)));
     }
 
     #[test]
@@ -250,20 +397,20 @@ mod tests {
         );
         m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
         m.observe(b"{\"response\":\"\",\"done\":false}\n{\"response\":\"b\",\"done\":false}\n");
-        assert_eq!(counts(m), (None, Some(2)));
+        assert_eq!(pair(m.finish()), (None, Some(2)));
     }
 
     #[test]
     fn ndjson_final_line_carries_eval_counts() {
         let mut m = TokenMeter::default();
         m.observe(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"done\":true,\"prompt_eval_count\":3,\"eval_count\":9}\n");
-        assert_eq!(counts(m), (Some(3), Some(9)));
+        assert_eq!(pair(m.finish()), (Some(3), Some(9)));
     }
 
     #[test]
     fn a_plain_json_body_without_newline_is_read_at_the_end() {
         let mut m = TokenMeter::default();
         m.observe(b"{\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":6}}");
-        assert_eq!(counts(m), (Some(4), Some(6)));
+        assert_eq!(pair(m.finish()), (Some(4), Some(6)));
     }
 }

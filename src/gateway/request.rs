@@ -99,7 +99,12 @@ pub fn model_of(body: &[u8]) -> Result<String, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request("the request needs a JSON body"));
     }
-    let named: Named = serde_json::from_slice(body)
+    // The body goes to a backend or a peer as it is: it must be JSON through and through, not
+    // just around the `model` field (serde skips the strings it ignores without checking them).
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(format!("the body is not UTF-8 (byte {})", e.valid_up_to()))
+    })?;
+    let named: Named = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     match named.model.or(named.name) {
         Some(serde_json::Value::String(m)) if !m.trim().is_empty() => Ok(m),
@@ -113,6 +118,22 @@ pub fn model_of(body: &[u8]) -> Result<String, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_that_is_not_utf8_json_is_refused_whole() {
+        let mut body = br#"{"model":"m","messages":[{"role":"user","content":"x"#.to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(br#""}]}"#);
+        let e = model_of(&body).expect_err("invalid UTF-8 in an ignored field");
+        assert_eq!(e.status, 400);
+        assert!(model_of(br#"{"model":"m"} trailing"#).is_err());
+        assert_eq!(
+            model_of(br#"{"model":"m","x":[1,{"y":"\u00e9"}]}"#)
+                .ok()
+                .as_deref(),
+            Some("m")
+        );
+    }
 
     #[test]
     fn nginx_prefix_is_stripped_only_on_a_segment_boundary() {

@@ -16,16 +16,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pingora::listeners::tls::TlsSettings;
+// Pingora re-exports BoringSSL without its asn1 module; the crate is the one Pingora links.
+use boring::asn1::Asn1Time;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::tls::pkey::{Id, PKey, Private};
-use pingora::tls::ssl::{SslAlert, SslRef, SslVerifyError, SslVerifyMode};
+use pingora::tls::ssl::{SslAcceptor, SslAlert, SslMethod, SslRef, SslVerifyError, SslVerifyMode};
 use pingora::tls::x509::{X509Ref, X509};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::CertKey;
 
 use crate::identity::{PublicKey, TlsLeaf};
+use crate::session::TlsAcceptor;
 
 /// SNI every node sends; only there so that Pingora verifies the pinned chain.
 pub const MESH_SNI: &str = "arknet";
@@ -62,14 +64,49 @@ pub fn identity_of(leaf: &X509Ref, chain: &[&X509Ref]) -> Option<PublicKey> {
     })
 }
 
+/// Clock difference between two nodes tolerated when checking a certificate's validity period.
+pub const CLOCK_SKEW_SECS: i64 = 300;
+
+/// Whether `cert` is within its validity period at `now` (Unix seconds), give or take
+/// [`CLOCK_SKEW_SECS`].
+pub fn valid_at(cert: &X509Ref, now: i64) -> bool {
+    let (Ok(early), Ok(late)) = (
+        Asn1Time::from_unix(now.saturating_add(CLOCK_SKEW_SECS) as _),
+        Asn1Time::from_unix(now.saturating_sub(CLOCK_SKEW_SECS) as _),
+    ) else {
+        return false;
+    };
+    // Not yet valid even if our clock were `skew` ahead; expired even if it were behind.
+    let started = cert.not_before().compare(&early).is_ok_and(|o| o.is_le());
+    let not_over = cert.not_after().compare(&late).is_ok_and(|o| o.is_ge());
+    started && not_over
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// The identity a TLS session's peer proved (server side: the leaf plus the chain it sent).
+/// The custom verify callback replaces BoringSSL's own chain checks, validity periods
+/// included, so they are checked here.
 fn session_identity(ssl: &SslRef) -> Option<PublicKey> {
     let leaf = ssl.peer_certificate()?;
+    let now = unix_now();
+    if !valid_at(&leaf, now) {
+        return None;
+    }
     let chain: Vec<&X509Ref> = ssl
         .peer_cert_chain()
         .map(|c| c.iter().collect())
         .unwrap_or_default();
-    identity_of(&leaf, &chain)
+    let key = identity_of(&leaf, &chain)?;
+    // The identity certificate itself must be current too (it is the one that signed the leaf).
+    let identity_current = chain
+        .iter()
+        .any(|c| valid_at(c, now) && identity_of(&leaf, &[*c]) == Some(key));
+    identity_current.then_some(key)
 }
 
 struct IdentityCallbacks;
@@ -117,20 +154,21 @@ impl MeshTls {
         })
     }
 
-    /// Listener settings: our chain, a requested client certificate, identity extraction.
-    pub fn server_settings(&self) -> Result<TlsSettings, TlsError> {
-        let mut settings = TlsSettings::with_callbacks(Box::new(IdentityCallbacks))
-            .map_err(|e| TlsError(e.to_string()))?;
-        settings
+    /// The listener's acceptor: our chain, a requested client certificate, identity extraction
+    /// (Mozilla's intermediate profile, as Pingora's own listener uses).
+    pub fn server_acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())
+            .map_err(tls_err("TLS acceptor"))?;
+        builder
             .set_certificate(&self.leaf)
             .map_err(tls_err("set certificate"))?;
-        settings
+        builder
             .add_extra_chain_cert(self.identity.clone())
             .map_err(tls_err("add identity to chain"))?;
-        settings
+        builder
             .set_private_key(&self.key)
             .map_err(tls_err("set key"))?;
-        settings.set_custom_verify_callback(SslVerifyMode::PEER, |ssl| {
+        builder.set_custom_verify_callback(SslVerifyMode::PEER, |ssl| {
             match ssl.peer_certificate() {
                 // No certificate: let the request through to a clear 403 at the HTTP layer.
                 None => Ok(()),
@@ -138,8 +176,10 @@ impl MeshTls {
                 Some(_) => Err(SslVerifyError::Invalid(SslAlert::BAD_CERTIFICATE)),
             }
         });
-        settings.set_alpn(pingora::protocols::ALPN::H1);
-        Ok(settings)
+        Ok(TlsAcceptor {
+            acceptor: builder.build(),
+            callbacks: Box::new(IdentityCallbacks),
+        })
     }
 
     /// An upstream peer for the node whose identity certificate is `pin`, at `addr`.

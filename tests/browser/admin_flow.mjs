@@ -48,6 +48,8 @@ const context = await chromium.launchPersistentContext(args.profile, {
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
+    // A test may point a made-up name at a loopback address (DNS rebinding, without DNS).
+    ...(args.resolver_rules ? [`--host-resolver-rules=${args.resolver_rules}`] : []),
   ],
 });
 context.setDefaultTimeout(WAIT_MS);
@@ -57,7 +59,7 @@ const problems = [];
 page.on("pageerror", (e) => problems.push(`uncaught error in the page: ${e.message}`));
 page.on("request", (r) => {
   const u = r.url();
-  if (!u.startsWith(origin + "/") && !u.startsWith("data:") && !u.startsWith("about:")) {
+  if (!page.allowOtherOrigins && !u.startsWith(origin + "/") && !u.startsWith("data:") && !u.startsWith("about:")) {
     problems.push(`the page requested another origin: ${u}`);
   }
 });
@@ -84,6 +86,11 @@ const peerCard = (key) => page.locator(`article[data-testid="peer-card"][data-ke
 const modelRow = (m) => page.locator(`tr[data-testid="model-row"][data-model="${css(m)}"]`);
 
 async function open(url) {
+  if (args.preset_token) {
+    // Through a proxy every read needs the token: store it the way the page's token box does.
+    await page.goto(url, { waitUntil: "load" });
+    await page.evaluate((t) => localStorage.setItem("arknet.adminToken", t), args.preset_token);
+  }
   await page.goto(url, { waitUntil: "load" });
   await page.locator("#conn-status[data-state='live']").waitFor();
   if (args.self_node_id) {
@@ -214,9 +221,25 @@ const steps = {
   // the token typed into the form (then into the token box) lets changes through.
   async token() {
     const peer = args.peer;
-    await open(args.url);
+    await page.goto(args.url, { waitUntil: "load" });
+    // Reads are private too: without the token the page says so and shows nothing of the node.
+    const locked = page.locator("#conn-status[data-state='locked']");
+    await locked.waitFor();
+    check((await locked.innerText()).includes("token"), `the page asks for the token: ${await locked.innerText()}`);
+    check((await page.locator("#node-id").innerText()).trim() !== args.self_node_id, "the node id is shown without the token");
+    await shot("locked-401");
+    await page.locator("#admin-token").fill(args.admin_token);
+    await page.locator("#save-token").click();
+    await page.locator("#conn-status[data-state='live']").waitFor();
+    await page.locator("#node-id").filter({ hasText: args.self_node_id }).waitFor();
     const card = peerCard(peer.public_key);
     await card.waitFor();
+    await shot("unlocked");
+
+    // Cleared again: a change is refused with the server's message, and the form can save the
+    // token and retry.
+    await page.getByRole("button", { name: "Clear" }).click();
+    await page.locator("#token-state").filter({ hasText: "No token saved" }).waitFor();
     await card.getByRole("button", { name: /^Edit/ }).click();
     await page.getByLabel("Max concurrent requests").fill("3");
     await page.getByRole("button", { name: "Save changes" }).click();
@@ -251,6 +274,23 @@ const steps = {
     await waitFlash("success", `Revoked ${peer.node_id}`);
     await card.waitFor({ state: "detached" });
     await shot("revoked-with-token");
+  },
+
+  // A hostile page on another origin (`evil_url`) tries to change and read the node's
+  // approvals with fetch() and an auto-submitted form; it reports what it saw in #report.
+  // Then a rebound name (`rebind_url`, mapped to the node by `resolver_rules`) is opened.
+  async attack() {
+    page.allowOtherOrigins = true;
+    await page.goto(args.evil_url, { waitUntil: "load" });
+    await page.locator("#done").waitFor({ state: "attached" });
+    console.log(`attack report:\n${await page.locator("#report").innerText()}`);
+    await shot("hostile-page");
+    if (args.rebind_url) {
+      const rsp = await page.goto(args.rebind_url, { waitUntil: "load" });
+      check(rsp && rsp.status() === 421, `the rebound name ${args.rebind_url} got ${rsp && rsp.status()}`);
+      console.log(`rebound name: ${rsp.status()}`);
+      await shot("rebound-name");
+    }
   },
 
   // The approvals-file warning banner follows /status.

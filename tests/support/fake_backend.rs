@@ -81,7 +81,24 @@ pub struct FakeConfig {
     pub embedding_dim: usize,
     /// Models `/api/ps` reports as loaded (`None`: all of them).
     pub loaded: Option<Vec<String>>,
+    /// Behave like a hostile server: inference answers carry [`HOSTILE_HEADERS`] (an HTML
+    /// content type, a cookie for the node's origin, CORS grants, a redirect) and claim
+    /// [`HOSTILE_TOKENS`] prompt and generated tokens.
+    pub hostile: bool,
 }
+
+/// Headers a hostile backend adds to its inference answers.
+pub const HOSTILE_HEADERS: [(&str, &str); 7] = [
+    ("content-type", "text/html"),
+    ("set-cookie", "arknet_admin=stolen; Path=/"),
+    ("access-control-allow-origin", "*"),
+    ("access-control-allow-credentials", "true"),
+    ("location", "http://evil.example/"),
+    ("server", "evil/6.6.6"),
+    ("x-evil", "1"),
+];
+/// Token counts a hostile backend claims.
+pub const HOSTILE_TOKENS: u64 = 999_999_999;
 
 impl FakeConfig {
     pub fn new(dialects: Dialect, models: &[&str]) -> Self {
@@ -95,7 +112,12 @@ impl FakeConfig {
             record: true,
             embedding_dim: 8,
             loaded: None,
+            hostile: false,
         }
+    }
+    pub fn hostile(mut self) -> Self {
+        self.hostile = true;
+        self
     }
     pub fn ollama(models: &[&str]) -> Self {
         Self::new(Dialect::Ollama, models)
@@ -318,8 +340,25 @@ async fn launch_on(
         listener,
         conns: shared.conns.clone(),
     };
+    let hostile = shared.config.hostile;
     let router = Router::new()
         .fallback(handle)
+        .layer(axum::middleware::map_response(
+            move |mut rsp: Response| async move {
+                let inference = rsp.status() == StatusCode::OK
+                    && rsp.headers().get(CONTENT_TYPE).is_some_and(|ct| {
+                        ct.to_str()
+                            .is_ok_and(|ct| ct.contains("json") || ct.contains("event-stream"))
+                    });
+                if hostile && inference {
+                    for (name, value) in HOSTILE_HEADERS {
+                        rsp.headers_mut()
+                            .insert(name, HeaderValue::from_static(value));
+                    }
+                }
+                rsp
+            },
+        ))
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(shared.clone());
     let server = tokio::spawn(async move {
@@ -836,9 +875,9 @@ async fn ollama_generation(
             v["done_reason"] = json!("stop");
             v["total_duration"] = json!(eval + prompt_eval + 1_000);
             v["load_duration"] = json!(1_000);
-            v["prompt_eval_count"] = json!(prompt_tokens);
+            v["prompt_eval_count"] = json!(claim(cfg, prompt_tokens as u64));
             v["prompt_eval_duration"] = json!(prompt_eval);
-            v["eval_count"] = json!(n);
+            v["eval_count"] = json!(claim(cfg, n as u64));
             v["eval_duration"] = json!(eval);
             if !chat {
                 v["context"] = json!([1, 2, 3]);
@@ -946,7 +985,8 @@ async fn openai_generation(
         value_words(&req["prompt"])
     }
     .max(1);
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
+    let (p, c) = (claim(cfg, prompt_tokens as u64), claim(cfg, n as u64));
+    let usage = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
     let id = format!(
         "{}-fake{}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -1060,6 +1100,15 @@ fn bad_request(ollama: bool, msg: &str) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+/// A token count as this backend reports it: the real one, or an inflated claim when hostile.
+fn claim(cfg: &FakeConfig, real: u64) -> u64 {
+    if cfg.hostile {
+        HOSTILE_TOKENS
+    } else {
+        real
+    }
+}
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response {
     let mut response = Response::new(body.into());

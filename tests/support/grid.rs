@@ -210,7 +210,7 @@ impl NodeProc {
             {
                 panic!("arknet exited early ({status}); log:\n{}", self.log());
             }
-            let probe = b"GET /health HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n";
+            let probe = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
             if http::try_send_raw(self.api, probe, Duration::from_secs(2))
                 .is_ok_and(|r| r.status == 200)
             {
@@ -344,7 +344,7 @@ impl Grid {
 
 fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &Path) -> String {
     let mut toml = format!(
-        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = {}\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = {}\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n{}",
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = {}\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = {}\nhandshake_timeout_secs = 3\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n{}",
         data_dir.display().to_string(),
         spec.shutdown_grace_secs.unwrap_or(0),
         spec.extra_toml,

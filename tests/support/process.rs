@@ -106,7 +106,7 @@ impl Daemon {
     /// first (`hint` says what an early exit usually means) or the time runs out.
     pub fn wait_http_ok(&mut self, path: &str, within: Duration, hint: &str) {
         let deadline = Instant::now() + within;
-        let probe = format!("GET {path} HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n");
+        let probe = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!(
