@@ -26,6 +26,18 @@ fn audit(node: &NodeProc) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// `node`'s audit entries with `peer`, once there are `n` (a line is written just after the
+/// response went out, so a client can be a moment ahead of it).
+fn audit_of(node: &NodeProc, peer: &str, n: usize) -> Vec<Value> {
+    assert_eventually(Duration::from_secs(3), "audit lines written", || {
+        audit(node).iter().filter(|e| e["peer"] == peer).count() >= n
+    });
+    audit(node)
+        .into_iter()
+        .filter(|e| e["peer"] == peer)
+        .collect()
+}
+
 fn assert_openai_error(rsp: &Response, status: u16, code: &str) {
     assert_eq!(rsp.status, status, "{}", rsp.text());
     assert_eq!(rsp.json()["error"]["code"], code, "{}", rsp.text());
@@ -116,9 +128,9 @@ fn error_table_rows_on_the_peer_route() {
     );
     // Each of those three peer requests left an outbound line with what the peer answered.
     let b_id = b.node.node_id();
-    let statuses: Vec<Value> = audit(&a.node)
+    let statuses: Vec<Value> = audit_of(&a.node, &b_id, 3)
         .into_iter()
-        .filter(|e| e["direction"] == "outbound" && e["peer"] == b_id.as_str())
+        .filter(|e| e["direction"] == "outbound")
         .map(|e| e["status"].clone())
         .collect();
     assert_eq!(statuses, vec![json!(503), json!(502), json!(200)]);
@@ -142,10 +154,7 @@ fn a_413_from_the_peer_reaches_the_client() {
     // An error answer (JSON error body, no stream) is audited with its own status at both
     // ends, not as a cut stream.
     let b_id = b.node.node_id();
-    let out: Vec<Value> = audit(&a.node)
-        .into_iter()
-        .filter(|e| e["peer"] == b_id.as_str())
-        .collect();
+    let out = audit_of(&a.node, &b_id, 1);
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(out[0]["status"], 413, "{}", out[0]);
 }
@@ -170,12 +179,12 @@ fn a_refusal_after_revoke_is_audited_on_the_requesting_node() {
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(out[0]["status"], 403);
     // The serving node audits the refusal too, naming the no longer approved key.
+    let refused = audit_of(&b.node, &a_key, 1);
     assert!(
-        audit(&b.node).iter().any(|e| e["direction"] == "inbound"
-            && e["peer"] == a_key.as_str()
-            && e["status"] == 403),
-        "{:?}",
-        audit(&b.node)
+        refused
+            .iter()
+            .any(|e| e["direction"] == "inbound" && e["status"] == 403),
+        "{refused:?}"
     );
     assert_eq!(b.backend.hits(), 0);
 }
@@ -274,6 +283,10 @@ fn a_strangers_refused_request_is_audited_by_key() {
     );
     assert_eq!(status, 403);
     let key = stranger.node.public_key();
+    // The line is written just after the refusal went out.
+    assert_eventually(Duration::from_secs(3), "refusal audited", || {
+        !audit(&b.node).is_empty()
+    });
     let lines = audit(&b.node);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["peer"], key.as_str());
