@@ -20,6 +20,8 @@ fn peers(n: usize) -> Vec<PeerView> {
             grant: 4,
             latency_ms: (i % 17) as f64 * 0.7,
             failures: (i % 4) as u32,
+            reliability: 1.0 - (i % 7) as f64 * 0.05,
+            probation: i % 11 == 0,
         })
         .collect()
 }

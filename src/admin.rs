@@ -303,6 +303,7 @@ async fn pending(State(state): State<Arc<AdminState>>) -> Json<Value> {
 
 async fn peer_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
     let approvals = state.peers.approvals();
+    let now = crate::peers::reputation::unix_now();
     let peers: Vec<Value> = approvals
         .file
         .peers
@@ -324,6 +325,7 @@ async fn peer_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
                 "in_flight": runtime.as_ref().map_or(0, |r| r.in_flight()),
                 "max_concurrent_requests": p.permissions.max_concurrent_requests,
                 "error": status.error,
+                "reputation": state.peers.reputations().get(&p.public_key).summary(now),
             })
         })
         .collect();

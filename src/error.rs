@@ -167,6 +167,11 @@ impl ApiError {
         Self::new(504, "backend_timeout", detail)
     }
 
+    /// 500: something on our side failed (building our own headers, encoding our own message).
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(500, "internal_error", detail)
+    }
+
     /// 503: the node holds as many request bodies in memory as it allows; retry shortly.
     pub fn overloaded() -> Self {
         ApiError {

@@ -32,8 +32,10 @@ use crate::gateway::sanitize;
 use crate::gateway::translate;
 use crate::identity::PublicKey;
 use crate::mesh::client::MeshClient;
+use crate::mesh::protocol::SharedModel;
 use crate::mesh::tls::MESH_SNI;
 use crate::metrics::Metrics;
+use crate::peers::reputation::{self, RequestOutcome, Standing};
 use crate::peers::PeerTable;
 use crate::relay::{relay_response, Attempt, LocalRelay, ModelRequest};
 use crate::routing::{self, PeerView};
@@ -138,12 +140,9 @@ impl Grid {
     /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first.
     fn peer_candidates(&self, model: &str, dialect: Dialect, path: &str) -> Vec<PeerCandidate> {
         let can_translate = dialect == Dialect::Ollama && translate::translatable(path);
-        let speaks = |m: &Value, d: Dialect| {
-            m["dialects"]
-                .as_array()
-                .is_some_and(|ds| ds.iter().any(|x| x == d.as_str()))
-        };
+        let speaks = |m: &SharedModel, d: Dialect| m.speaks(d.as_str());
         let approvals = self.peers.approvals();
+        let now = reputation::unix_now();
         let mut candidates = Vec::new();
         for p in &approvals.file.peers {
             let status = self.peers.status(&p.public_key);
@@ -151,9 +150,7 @@ impl Grid {
                 continue;
             }
             let Some(offer) = status.models.iter().find(|m| {
-                m["name"]
-                    .as_str()
-                    .is_some_and(|n| routing::model_matches(n, model))
+                routing::model_matches(&m.name, model)
                     && (speaks(m, dialect) || (can_translate && speaks(m, Dialect::OpenAi)))
             }) else {
                 continue;
@@ -167,17 +164,28 @@ impl Grid {
                 continue;
             };
             let out = self.outbound(&p.public_key, status.grant);
+            let record = self.peers.reputations().get(&p.public_key);
+            let standing = record.standing(now);
+            if standing == Standing::Ejected {
+                continue;
+            }
             candidates.push(PeerCandidate {
                 key: p.public_key,
                 node_id: p.node_id.clone(),
                 addr,
                 view: PeerView {
-                    free_slots: offer["free_slots"].as_u64().unwrap_or(0) as usize,
-                    hot: offer["loaded"].as_bool().unwrap_or(false),
+                    free_slots: offer.free_slots,
+                    hot: offer.loaded,
                     our_in_flight: out.grant as usize - out.slots.available_permits(),
                     grant: out.grant as usize,
-                    latency_ms: status.latency_ms.unwrap_or(f64::MAX),
+                    // What requests took beats what a hello took, once there is any.
+                    latency_ms: record
+                        .ttfb_ewma_ms
+                        .or(status.latency_ms)
+                        .unwrap_or(f64::MAX),
                     failures: out.failures.load(Ordering::Relaxed),
+                    reliability: record.reliability(),
+                    probation: standing == Standing::Probation,
                 },
                 translate,
             });
@@ -254,6 +262,7 @@ impl Grid {
                     ));
                 }
                 out.failures.fetch_add(1, Ordering::Relaxed);
+                self.judge(c, RequestOutcome::failed());
                 crate::warn_limited!(
                     self.warnings,
                     &c.node_id,
@@ -279,12 +288,25 @@ impl Grid {
                 return Attempt::Busy;
             }
             out.failures.fetch_add(1, Ordering::Relaxed);
+            self.judge(c, RequestOutcome::failed());
             return Attempt::Failed(format!("peer {} answered {status}", c.node_id));
         }
         let mut meter = TokenMeter::for_request(&req.body);
         let outcome =
             relay_response(&self.upstream, s, rsp, None, Some(&mut meter), translator).await;
         out.failures.store(0, Ordering::Relaxed);
+        let tokens = meter.finish_claimed(body.len());
+        let ttfb = outcome.first_byte.map(|t| t.duration_since(started));
+        self.judge(
+            c,
+            RequestOutcome {
+                // Answered and relayed to the end (a stream the peer broke is a failure).
+                ok: outcome.status < 500 && outcome.reusable,
+                ttfb_ms: ttfb.map(|t| t.as_secs_f64() * 1000.0),
+                tokens: tokens.completion,
+                generation_secs: ttfb.map_or(0.0, |t| (started.elapsed() - t).as_secs_f64()),
+            },
+        );
         record_peer_request(
             &self.audit,
             &self.metrics,
@@ -292,7 +314,7 @@ impl Grid {
             &c.node_id,
             req.model,
             &outcome,
-            meter.finish_claimed(body.len()),
+            tokens,
             started,
             started_at,
             None,
@@ -300,9 +322,29 @@ impl Grid {
         Attempt::Done(outcome)
     }
 
+    /// Counts a request's outcome in the peer's reputation (which may eject it).
+    fn judge(&self, c: &PeerCandidate, outcome: RequestOutcome) {
+        let peers = self.peers.approvals().file.peers.len();
+        let now = reputation::unix_now();
+        if self
+            .peers
+            .reputations()
+            .request(&c.key, outcome, now, peers)
+        {
+            let record = self.peers.reputations().get(&c.key);
+            tracing::warn!(
+                peer = %c.node_id,
+                consecutive_failures = record.consecutive_failures,
+                for_secs = record.ejected_until.map_or(0, |t| t.saturating_sub(now)),
+                "peer ejected from routing after repeated failures"
+            );
+        }
+    }
+
     /// The request header for a peer: nothing of the client's, only what the mesh needs.
     fn peer_request(&self, path: &str, body_len: usize) -> Result<RequestHeader, ApiError> {
-        let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
+        // Our own header failed to build: our fault, not the client's.
+        let internal = |e: pingora::BError| ApiError::internal(format!("cannot forward: {e}"));
         let mut h = RequestHeader::build("POST", path.as_bytes(), Some(6)).map_err(internal)?;
         h.insert_header(header::HOST, MESH_SNI).map_err(internal)?;
         h.insert_header(header::CONTENT_TYPE, "application/json")
@@ -329,14 +371,11 @@ impl Grid {
             }
             for m in &status.models {
                 // Ollama clients reach OpenAI-only models too, through translation.
-                let speaks = m["dialects"].as_array().is_some_and(|d| {
-                    d.iter().any(|x| {
-                        x == dialect.as_str() || (dialect == Dialect::Ollama && x == "openai")
-                    })
-                });
-                if let (Some(name), true) = (m["name"].as_str(), speaks) {
+                let speaks = m.speaks(dialect.as_str())
+                    || (dialect == Dialect::Ollama && m.speaks(Dialect::OpenAi.as_str()));
+                if speaks {
                     remote
-                        .entry(name.to_string())
+                        .entry(m.name.clone())
                         .or_default()
                         .push(p.node_id.clone());
                 }

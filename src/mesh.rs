@@ -15,6 +15,7 @@
 
 pub mod authz;
 pub mod client;
+pub mod protocol;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -23,7 +24,6 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use pingora::protocols::http::ServerSession;
-use serde_json::{json, Value};
 
 use crate::audit::{AuditLog, Direction};
 use crate::error::{ApiError, Dialect};
@@ -39,15 +39,10 @@ use crate::session::{read_model_request, reply_error, reply_json, BodyLimits, Ha
 use authz::Denied;
 use tls::PeerIdentity;
 
-/// Mesh protocol version, in hello and mDNS TXT `v`.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Path of the hello exchange.
-pub const HELLO_PATH: &str = "/mesh/v1/hello";
-/// Header a node sends to say which node id it goes by (a claim, informative only).
-pub const NODE_ID_HEADER: &str = "x-arknet-node-id";
-/// Header a node sends to say on which port its own mesh listener is, so that the node it
-/// talks to can list it with an endpoint to dial back.
-pub const MESH_PORT_HEADER: &str = "x-arknet-mesh-port";
+use protocol::{ErrorBody, HelloAnswer, SharedModel, Stranger, WrongVersion, YourGrant};
+pub use protocol::{
+    HELLO_PATH, MESH_PORT_HEADER, NODE_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION,
+};
 
 /// The mesh listener's request handler.
 pub struct Mesh {
@@ -71,6 +66,25 @@ impl Handler for Mesh {
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|d| d.extension.get::<PeerIdentity>())
             .map(|p| p.0);
+        let announced = s
+            .req_header()
+            .headers
+            .get(PROTOCOL_HEADER)
+            .map(|v| v.to_str().unwrap_or("?"));
+        if !protocol::announced_version(announced).is_some_and(protocol::speaks) {
+            let refusal = WrongVersion {
+                error: ErrorBody {
+                    message: format!(
+                        "this node speaks mesh protocol {PROTOCOL_VERSION}, not {}",
+                        announced.unwrap_or("1")
+                    ),
+                    kind: "invalid_request_error".into(),
+                    code: "protocol_version".into(),
+                },
+                supported: vec![PROTOCOL_VERSION],
+            };
+            return reply_typed(s, 400, &refusal).await.reusable;
+        }
         let approvals = self.peers.approvals();
         let peer = match authz::admit(&approvals, key.as_ref()) {
             Ok(peer) => peer,
@@ -89,7 +103,7 @@ impl Handler for Mesh {
         };
         if path == HELLO_PATH {
             let hello = self.hello(peer).await;
-            return reply_json(s, 200, &hello).await.reusable;
+            return reply_typed(s, 200, &hello).await.reusable;
         }
         let started_at = std::time::SystemTime::now();
         let mut meter = TokenMeter::default();
@@ -216,13 +230,17 @@ impl Mesh {
                 "{} (node {} key {})",
                 e.message, self.node.node_id, self.node.public_key
             );
-            let body = json!({
-                "error": {"message": e.message, "type": "permission_error", "code": e.code},
-                "node_id": self.node.node_id,
-                "public_key": self.node.public_key.to_string(),
-                "identity_cert": self.identity_pem,
-            });
-            return reply_json(s, 403, &body).await;
+            let body = Stranger {
+                error: ErrorBody {
+                    message: e.message,
+                    kind: "permission_error".into(),
+                    code: e.code.into(),
+                },
+                node_id: self.node.node_id.clone(),
+                public_key: self.node.public_key.to_string(),
+                identity_cert: self.identity_pem.clone(),
+            };
+            return reply_typed(s, 403, &body).await;
         }
         reply_error(s, dialect, &e).await
     }
@@ -275,37 +293,55 @@ impl Mesh {
     }
 
     /// Hello for one approved peer: only what is shared with it.
-    async fn hello(&self, peer: &ApprovedPeer) -> Value {
+    async fn hello(&self, peer: &ApprovedPeer) -> HelloAnswer {
         let loaded = self.relay.loaded_models().await;
         let (in_flight, grant) = self
             .peers
             .runtime(&peer.public_key)
-            .map_or((0, 0), |r| (r.in_flight(), r.grant() as usize));
-        let own_free = grant.saturating_sub(in_flight);
-        let models: Vec<Value> = if peer.permissions.can_request_inference {
+            .map_or((0, 0), |r| (r.in_flight(), r.grant()));
+        let own_free = (grant as usize).saturating_sub(in_flight);
+        let models = if peer.permissions.can_request_inference {
             self.relay
                 .catalog()
                 .snapshot()
                 .model_names()
                 .into_iter()
                 .filter(|m| authz::shares(peer, m))
-                .map(|m| {
-                    let free = own_free.min(self.relay.free_slots(&m));
-                    let hot = loaded.iter().any(|l| crate::routing::model_matches(l, &m));
-                    json!({"name": m, "free_slots": free, "loaded": hot, "dialects": self.relay.dialects_of(&m)})
+                .map(|m| SharedModel {
+                    free_slots: own_free.min(self.relay.free_slots(&m)),
+                    loaded: loaded.iter().any(|l| crate::routing::model_matches(l, &m)),
+                    dialects: self
+                        .relay
+                        .dialects_of(&m)
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
+                    name: m,
                 })
                 .collect()
         } else {
             Vec::new()
         };
-        json!({
-            "node_id": self.node.node_id,
-            "public_key": self.node.public_key.to_string(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "protocol": PROTOCOL_VERSION,
-            "identity_cert": self.identity_pem,
-            "you": {"node_id": peer.node_id, "grant": grant, "in_flight": in_flight},
-            "models": models,
-        })
+        HelloAnswer {
+            node_id: self.node.node_id.clone(),
+            public_key: self.node.public_key.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL_VERSION,
+            identity_cert: self.identity_pem.clone(),
+            you: YourGrant { grant, in_flight },
+            models,
+        }
+    }
+}
+
+/// Answers a protocol message as JSON.
+async fn reply_typed<T: serde::Serialize>(
+    s: &mut ServerSession,
+    status: u16,
+    message: &T,
+) -> Outcome {
+    match serde_json::to_value(message) {
+        Ok(v) => reply_json(s, status, &v).await,
+        Err(e) => reply_error(s, Dialect::OpenAi, &ApiError::internal(e.to_string())).await,
     }
 }

@@ -6,6 +6,7 @@
 //! Readers get immutable [`Approvals`] snapshots; the mesh authorizes against a snapshot and
 //! never blocks on a writer. Discovery only reports sightings here; it never grants anything.
 
+pub mod reputation;
 pub mod store;
 
 use std::collections::HashMap;
@@ -94,7 +95,7 @@ pub struct PeerStatus {
     /// Round trip of the last hello, in milliseconds.
     pub latency_ms: Option<f64>,
     /// Models the peer shares with us, with its free slots for us.
-    pub models: Vec<serde_json::Value>,
+    pub models: Vec<crate::mesh::protocol::SharedModel>,
     /// Requests the peer lets us have in flight there.
     pub grant: u32,
     /// Last error talking to it.
@@ -164,6 +165,7 @@ pub struct PeerTable {
     /// Serializes changes: read file, change, write, publish.
     change: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
+    reputations: reputation::Reputations,
 }
 
 #[derive(Default)]
@@ -251,6 +253,7 @@ impl PeerTable {
             approvals: watch::Sender::new(Arc::new(Approvals::default())),
             change: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner::default()),
+            reputations: reputation::Reputations::open(data_dir),
             path,
         };
         table.reload_if_changed();
@@ -561,9 +564,19 @@ impl PeerTable {
             .collect()
     }
 
-    /// Stores what the last hello to `key` found.
+    /// Stores what the last hello to `key` found, and counts it in the peer's uptime.
     pub fn set_status(&self, key: PublicKey, status: PeerStatus) {
+        let now = reputation::unix_now();
+        self.reputations.hello(&key, status.reachable, now);
         self.lock().status.insert(key, status);
+        if let Err(e) = self.reputations.flush_if_due(now) {
+            tracing::warn!(error = %e, "writing reputation.json failed");
+        }
+    }
+
+    /// How reliably and how fast each approved peer has served us.
+    pub fn reputations(&self) -> &reputation::Reputations {
+        &self.reputations
     }
 
     /// A peer just turned a request for `model` away as busy: until its next hello says
@@ -571,11 +584,8 @@ impl PeerTable {
     pub fn note_busy(&self, key: &PublicKey, model: &str) {
         if let Some(status) = self.lock().status.get_mut(key) {
             for m in &mut status.models {
-                if m["name"]
-                    .as_str()
-                    .is_some_and(|n| crate::routing::model_matches(n, model))
-                {
-                    m["free_slots"] = serde_json::json!(0);
+                if crate::routing::model_matches(&m.name, model) {
+                    m.free_slots = 0;
                 }
             }
         }
@@ -756,10 +766,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = PeerTable::open(dir.path());
         let key = PublicKey::from_bytes([5; 32]);
-        let models = vec![
-            serde_json::json!({"name": "m:latest", "free_slots": 3}),
-            serde_json::json!({"name": "other", "free_slots": 2}),
-        ];
+        let shared = |name: &str, free_slots| crate::mesh::protocol::SharedModel {
+            name: name.into(),
+            free_slots,
+            loaded: false,
+            dialects: vec!["ollama".into()],
+        };
+        let models = vec![shared("m:latest", 3), shared("other", 2)];
         table.set_status(
             key,
             PeerStatus {
@@ -770,11 +783,8 @@ mod tests {
         );
         table.note_busy(&key, "m");
         let st = table.status(&key);
-        assert_eq!(st.models[0]["free_slots"], 0);
-        assert_eq!(
-            st.models[1]["free_slots"], 2,
-            "other models keep their count"
-        );
+        assert_eq!(st.models[0].free_slots, 0);
+        assert_eq!(st.models[1].free_slots, 2, "other models keep their count");
     }
 
     #[tokio::test]

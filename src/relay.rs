@@ -659,7 +659,8 @@ fn upstream_request(
         None => path.to_string(),
     };
     let target = backend.upstream_path(&path_and_query);
-    let internal = |e: pingora::BError| ApiError::bad_request(format!("cannot forward: {e}"));
+    // Our own header failed to build: our fault, not the client's.
+    let internal = |e: pingora::BError| ApiError::internal(format!("cannot forward: {e}"));
     let mut h = RequestHeader::build(
         client.method.clone(),
         target.as_bytes(),
@@ -673,6 +674,7 @@ fn upstream_request(
             // The gateway is the trust boundary: a client's credentials (perhaps a real
             // provider key) never travel further; the backend gets its configured key.
             if NOT_FORWARDED.contains(&name.as_str())
+                || named_by_connection(client, name)
                 || name == header::ACCEPT_ENCODING
                 || name == header::AUTHORIZATION
                 || name == header::COOKIE
@@ -695,6 +697,18 @@ fn upstream_request(
             .map_err(internal)?;
     }
     Ok(h)
+}
+
+/// Whether the client's `Connection` header names `name`: such headers are hop-by-hop too
+/// (RFC 9110 §7.6.1) and stop here, as in Pingora's own proxy.
+fn named_by_connection(client: &RequestHeader, name: &http::HeaderName) -> bool {
+    client
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 /// The response header sent to the client, rebuilt from an allow-list (DESIGN §6 in the other

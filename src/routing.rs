@@ -7,6 +7,7 @@
 use crate::catalog::ListedModel;
 use crate::config::BackendKind;
 use crate::error::Dialect;
+use std::cmp::Reverse;
 
 /// What routing needs to know about one backend.
 #[derive(Debug, Clone, Copy)]
@@ -85,25 +86,38 @@ pub struct PeerView {
     pub latency_ms: f64,
     /// Consecutive recent failures talking to it.
     pub failures: u32,
+    /// Share of our requests it answered (moving average; 1.0 before any).
+    pub reliability: f64,
+    /// Its ejection is over but not yet proven: one probe at a time, after the others.
+    pub probation: bool,
 }
 
-/// Indices of the peers worth trying, best first: never one at the concurrency it grants us;
-/// then those with free slots before those without, hot (model loaded) before cold, most free
-/// slots relative to the grant, lower latency, fewer recent failures.
+/// Steps in which reliability is compared: peers within one step are equally reliable, so
+/// that noise in the average does not reorder them.
+const RELIABILITY_STEPS: f64 = 20.0;
+
+/// Indices of the peers worth trying, best first: never one at the concurrency it grants us,
+/// nor a peer on probation that already has our probe; then those with free slots before those
+/// without, proven peers before those on probation, hot (model loaded) before cold, most free
+/// slots relative to the grant, more reliable, lower latency, fewer recent failures.
 pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
-    type Key = (bool, bool, std::cmp::Reverse<u64>, u64, u32, usize);
+    type Key = (bool, bool, bool, Reverse<u64>, Reverse<u8>, u64, u32, usize);
     let mut ranked: Vec<Key> = peers
         .iter()
         .enumerate()
         .filter(|(_, p)| p.grant > 0 && p.our_in_flight < p.grant)
+        .filter(|(_, p)| !(p.probation && p.our_in_flight > 0))
         .map(|(i, p)| {
             let free = p.free_slots.saturating_sub(p.our_in_flight);
             let ratio = (free as u64 * 1_000_000) / p.grant as u64;
             let latency_us = (p.latency_ms.max(0.0) * 1000.0) as u64;
+            let reliability = (p.reliability.clamp(0.0, 1.0) * RELIABILITY_STEPS).round() as u8;
             (
                 free == 0,
+                p.probation,
                 !p.hot,
-                std::cmp::Reverse(ratio),
+                Reverse(ratio),
+                Reverse(reliability),
                 latency_us,
                 p.failures,
                 i,
@@ -111,7 +125,7 @@ pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
         })
         .collect();
     ranked.sort_unstable();
-    ranked.into_iter().map(|r| r.5).collect()
+    ranked.into_iter().map(|r| r.7).collect()
 }
 
 #[cfg(test)]
@@ -197,7 +211,47 @@ mod tests {
             grant,
             latency_ms,
             failures,
+            reliability: 1.0,
+            probation: false,
         }
+    }
+
+    #[test]
+    fn among_equally_free_peers_the_reliable_one_goes_first_then_the_fast_one() {
+        let flaky_fast = PeerView {
+            reliability: 0.6,
+            ..peer(2, 0, 2, 1.0, 0)
+        };
+        let solid_slow = PeerView {
+            reliability: 0.99,
+            ..peer(2, 0, 2, 50.0, 0)
+        };
+        let solid_fast = PeerView {
+            reliability: 0.98,
+            ..peer(2, 0, 2, 5.0, 0)
+        };
+        assert_eq!(rank_peers(&[flaky_fast, solid_slow, solid_fast]), [2, 1, 0]);
+        // Free room still comes first: a reliable peer with none waits behind a flaky one.
+        let solid_full = PeerView {
+            reliability: 1.0,
+            ..peer(0, 0, 2, 1.0, 0)
+        };
+        assert_eq!(rank_peers(&[solid_full, flaky_fast]), [1, 0]);
+    }
+
+    #[test]
+    fn a_peer_on_probation_gets_one_probe_after_the_proven_ones() {
+        let proven = peer(1, 0, 2, 9.0, 0);
+        let probing = PeerView {
+            probation: true,
+            ..peer(4, 0, 4, 1.0, 0)
+        };
+        assert_eq!(rank_peers(&[probing, proven]), [1, 0]);
+        let probe_out = PeerView {
+            our_in_flight: 1,
+            ..probing
+        };
+        assert_eq!(rank_peers(&[probe_out, proven]), [1], "one probe at a time");
     }
 
     #[test]

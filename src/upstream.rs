@@ -203,6 +203,20 @@ impl Upstream {
         path: &str,
         headers: &[(&'static str, String)],
     ) -> Result<(u16, Result<serde_json::Value, String>), SendError> {
+        let (status, body) = self.get_raw(peer, authority, path, headers).await?;
+        let parsed = body.and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+        Ok((status, parsed))
+    }
+
+    /// `GET path` on `peer` with extra headers: the status and the body bytes (bodies over
+    /// 8 MiB are refused).
+    pub async fn get_raw(
+        &self,
+        peer: &HttpPeer,
+        authority: &str,
+        path: &str,
+        headers: &[(&'static str, String)],
+    ) -> Result<(u16, Result<Vec<u8>, String>), SendError> {
         let addr = socket_addr(peer);
         let io = |source| SendError::Io { addr, source };
         let mut req =
@@ -223,10 +237,7 @@ impl Upstream {
             body.extend_from_slice(&chunk);
         }
         self.release(rsp).await;
-        Ok((
-            status,
-            serde_json::from_slice(&body).map_err(|e| e.to_string()),
-        ))
+        Ok((status, Ok(body)))
     }
 
     /// Returns a fully read response's connection to the pool.

@@ -643,3 +643,32 @@ fn a_local_body_that_is_not_utf8_json_is_refused_before_any_backend() {
         .count();
     assert_eq!(chats, 0, "the backend saw the request");
 }
+
+#[test]
+fn headers_that_connection_names_stop_at_the_gateway() {
+    let ark = Ark::start(FakeConfig::ollama(&["m"]), 4);
+    let body =
+        json!({"model": "m", "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    let rsp = http::request(
+        ark.node.api,
+        "POST",
+        "/api/chat",
+        &[
+            ("Content-Type", "application/json"),
+            ("Connection", "keep-alive, X-Hop-Secret"),
+            ("X-Hop-Secret", "for-the-next-hop-only"),
+            ("X-End-To-End", "kept"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    let got = ark
+        .backend
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/api/chat")
+        .expect("the backend got the chat");
+    let has = |name: &str| got.headers.iter().any(|(k, _)| k == name);
+    assert!(!has("x-hop-secret"), "{:?}", got.headers);
+    assert!(has("x-end-to-end"), "{:?}", got.headers);
+}

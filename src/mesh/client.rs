@@ -11,19 +11,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-use pingora::tls::x509::X509;
-use serde_json::Value;
-
+use super::protocol::{
+    self, SharedModel, HELLO_PATH, MESH_PORT_HEADER, NODE_ID_HEADER, PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
+};
 use super::tls::{parse_identity_cert, MeshTls, MESH_SNI};
-use super::{HELLO_PATH, MESH_PORT_HEADER, NODE_ID_HEADER};
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
 use crate::peers::{PeerStatus, PeerTable, Source};
 use crate::timefmt::now_rfc3339;
 use crate::upstream::{SendError, Upstream};
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::tls::x509::X509;
 
 /// Why a hello failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,7 @@ pub struct Hello {
     /// The node id it goes by.
     pub node_id: Option<String>,
     /// Models it shares with us, with free slots for us (empty when it has not approved us).
-    pub models: Vec<Value>,
+    pub models: Vec<SharedModel>,
     /// Whether the peer has approved us.
     pub approved_us: bool,
     /// Requests the peer lets us have in flight there.
@@ -84,6 +85,7 @@ impl MeshClient {
             own_headers: vec![
                 (NODE_ID_HEADER, node_id.to_string()),
                 (MESH_PORT_HEADER, mesh_port.to_string()),
+                (PROTOCOL_HEADER, PROTOCOL_VERSION.to_string()),
             ],
             pins: Mutex::new(HashMap::new()),
         }
@@ -105,7 +107,7 @@ impl MeshClient {
         let started = Instant::now();
         let answer = self
             .upstream
-            .get(&peer, MESH_SNI, HELLO_PATH, &self.own_headers)
+            .get_raw(&peer, MESH_SNI, HELLO_PATH, &self.own_headers)
             .await;
         let latency = started.elapsed();
         let (status, body) = answer.map_err(|e| {
@@ -116,25 +118,25 @@ impl MeshClient {
             }
         })?;
         let body = body.map_err(HelloError::Protocol)?;
-        let node_id = body["node_id"].as_str().map(str::to_string);
-        match status {
-            200 => Ok(Hello {
+        match protocol::parse_hello(status, &body)
+            .map_err(|e| HelloError::Protocol(e.to_string()))?
+        {
+            protocol::Hello::Approved(answer) => Ok(Hello {
                 key,
-                node_id,
-                models: body["models"].as_array().cloned().unwrap_or_default(),
+                node_id: Some(answer.node_id),
+                models: answer.models,
                 approved_us: true,
-                grant: body["you"]["grant"].as_u64().unwrap_or(0) as u32,
+                grant: answer.you.grant,
                 latency,
             }),
-            403 => Ok(Hello {
+            protocol::Hello::NotApproved(stranger) => Ok(Hello {
                 key,
-                node_id,
+                node_id: Some(stranger.node_id).filter(|id| !id.is_empty()),
                 models: Vec::new(),
                 approved_us: false,
                 grant: 0,
                 latency,
             }),
-            s => Err(HelloError::Protocol(format!("hello answered HTTP {s}"))),
         }
     }
 
@@ -173,15 +175,18 @@ impl MeshClient {
         expected: Option<&PublicKey>,
     ) -> Result<(PublicKey, X509), HelloError> {
         let peer = self.tls.unverified_peer(addr);
-        let (_, body) = self
+        let (status, body) = self
             .upstream
-            .get(&peer, MESH_SNI, HELLO_PATH, &self.own_headers)
+            .get_raw(&peer, MESH_SNI, HELLO_PATH, &self.own_headers)
             .await
             .map_err(|e: SendError| HelloError::Unreachable(e.to_string()))?;
         let body = body.map_err(HelloError::Protocol)?;
-        let pem = body["identity_cert"]
-            .as_str()
-            .ok_or_else(|| HelloError::Protocol("no identity certificate in hello".into()))?;
+        let hello = protocol::parse_hello(status, &body)
+            .map_err(|e| HelloError::Protocol(e.to_string()))?;
+        let pem = match &hello {
+            protocol::Hello::Approved(a) => a.identity_cert.as_str(),
+            protocol::Hello::NotApproved(s) => s.identity_cert.as_str(),
+        };
         let (cert, key) = parse_identity_cert(pem).ok_or_else(|| {
             HelloError::Protocol(
                 "identity certificate is not a self-signed Ed25519 certificate".into(),
@@ -301,11 +306,8 @@ fn log_hello_changes(node_id: &str, before: &PeerStatus, hello: Option<&Hello>) 
     } else if !h.approved_us && approved_before {
         tracing::info!(node_id, "peer no longer approves us");
     }
-    let names = |models: &[serde_json::Value]| -> Vec<String> {
-        models
-            .iter()
-            .filter_map(|m| m["name"].as_str().map(str::to_string))
-            .collect()
+    let names = |models: &[super::protocol::SharedModel]| -> Vec<String> {
+        models.iter().map(|m| m.name.clone()).collect()
     };
     let (was, now) = (names(&before.models), names(&h.models));
     for m in now.iter().filter(|m| !was.contains(m)) {

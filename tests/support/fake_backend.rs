@@ -75,6 +75,8 @@ pub struct FakeConfig {
     pub first_byte_delay: Duration,
     /// Answer every inference call with this status and a dialect error body (e.g. 503).
     pub status_override: Option<u16>,
+    /// Answer every n-th inference call (the 1st, n+1-th, ...) with 502: a flaky server.
+    pub fail_every: Option<usize>,
     /// Record every request (method, path, headers, body). Turn off for load.
     pub record: bool,
     /// Length of the embedding vectors.
@@ -109,6 +111,7 @@ impl FakeConfig {
             chunk_delay: Duration::ZERO,
             first_byte_delay: Duration::ZERO,
             status_override: None,
+            fail_every: None,
             record: true,
             embedding_dim: 8,
             loaded: None,
@@ -142,6 +145,10 @@ impl FakeConfig {
     }
     pub fn first_byte_delay(mut self, d: Duration) -> Self {
         self.first_byte_delay = d;
+        self
+    }
+    pub fn fail_every(mut self, n: usize) -> Self {
+        self.fail_every = Some(n);
         self
     }
     pub fn status_override(mut self, status: u16) -> Self {
@@ -711,12 +718,21 @@ async fn handle(
 
     // POST: model calls.
     let ollama = route.is_ollama();
-    let guard = route.is_inference().then(|| {
-        shared.hits.fetch_add(1, Ordering::SeqCst);
-        FlightGuard::enter(&shared)
-    });
+    let hit = route
+        .is_inference()
+        .then(|| shared.hits.fetch_add(1, Ordering::SeqCst));
+    let guard = hit.map(|_| FlightGuard::enter(&shared));
     if route.is_inference() {
-        let status = shared.status_override.load(Ordering::SeqCst);
+        let flaky = shared
+            .config
+            .fail_every
+            .zip(hit)
+            .is_some_and(|(n, hit)| n > 0 && hit % n == 0);
+        let status = if flaky {
+            502
+        } else {
+            shared.status_override.load(Ordering::SeqCst)
+        };
         if status != 0 {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let msg = format!("fake backend: injected status {status}");
