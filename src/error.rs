@@ -172,6 +172,18 @@ impl ApiError {
         Self::new(500, "internal_error", detail)
     }
 
+    /// 503: the only peers that share `model` are ejected after repeated failures.
+    pub fn peers_ejected(model: &str, secs: u64) -> Self {
+        ApiError {
+            retry_after: Some(u32::try_from(secs).unwrap_or(u32::MAX)),
+            ..Self::new(
+                503,
+                "peers_ejected",
+                format!("the peers that share \"{model}\" failed repeatedly and are left alone for {secs} s"),
+            )
+        }
+    }
+
     /// 503: the node holds as many request bodies in memory as it allows; retry shortly.
     pub fn overloaded() -> Self {
         ApiError {

@@ -110,12 +110,14 @@ impl Grid {
         }
         // Peers are looked at only when the node's own backends could not answer: most local
         // requests never touch the peer table.
-        let peers = self.peer_candidates(req.model, dialect, req.path);
+        let (peers, ejected_for) = self.peer_candidates(req.model, dialect, req.path);
         let had_local = local.as_ref().is_ok_and(|v| !v.is_empty());
         if peers.is_empty() && !had_local {
-            let e = match local {
-                Err(no_route) => self.relay.no_route_error(req.model, no_route),
-                Ok(_) => ApiError::model_not_found(req.model),
+            let e = match (local, ejected_for) {
+                // The model is out there, on peers sitting out an ejection.
+                (_, Some(secs)) => ApiError::peers_ejected(req.model, secs),
+                (Err(no_route), None) => self.relay.no_route_error(req.model, no_route),
+                (Ok(_), None) => ApiError::model_not_found(req.model),
             };
             return reply_error(s, dialect, &e).await;
         }
@@ -137,40 +139,38 @@ impl Grid {
         reply_error(s, dialect, &tried.error(req.model)).await
     }
 
-    /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first.
-    fn peer_candidates(&self, model: &str, dialect: Dialect, path: &str) -> Vec<PeerCandidate> {
+    /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first; and,
+    /// when some that offer it are ejected, the seconds until the first one is back.
+    fn peer_candidates(
+        &self,
+        model: &str,
+        dialect: Dialect,
+        path: &str,
+    ) -> (Vec<PeerCandidate>, Option<u64>) {
         let can_translate = dialect == Dialect::Ollama && translate::translatable(path);
         let speaks = |m: &SharedModel, d: Dialect| m.speaks(d.as_str());
-        let approvals = self.peers.approvals();
+        let snapshot = self.peers.routing();
         let now = reputation::unix_now();
         let mut candidates = Vec::new();
-        for p in &approvals.file.peers {
-            let status = self.peers.status(&p.public_key);
-            if !status.reachable {
-                continue;
-            }
-            let Some(offer) = status.models.iter().find(|m| {
+        let mut ejected_for = None;
+        for p in snapshot.peers.iter().filter(|p| p.reachable) {
+            let Some(offer) = p.models.iter().find(|m| {
                 routing::model_matches(&m.name, model)
                     && (speaks(m, dialect) || (can_translate && speaks(m, Dialect::OpenAi)))
             }) else {
                 continue;
             };
-            let translate = !speaks(offer, dialect);
-            let Some(addr) = self
-                .peers
-                .endpoint_of(&p.public_key)
-                .and_then(|e| e.parse().ok())
-            else {
+            let (Some(addr), standing) = (p.addr, p.standing(now)) else {
                 continue;
             };
-            let out = self.outbound(&p.public_key, status.grant);
-            let record = self.peers.reputations().get(&p.public_key);
-            let standing = record.standing(now);
             if standing == Standing::Ejected {
+                let back_in = p.ejected_until.map_or(1, |t| t.saturating_sub(now).max(1));
+                ejected_for = Some(ejected_for.map_or(back_in, |e: u64| e.min(back_in)));
                 continue;
             }
+            let out = self.outbound(&p.key, p.grant);
             candidates.push(PeerCandidate {
-                key: p.public_key,
+                key: p.key,
                 node_id: p.node_id.clone(),
                 addr,
                 view: PeerView {
@@ -179,21 +179,19 @@ impl Grid {
                     our_in_flight: out.grant as usize - out.slots.available_permits(),
                     grant: out.grant as usize,
                     // What requests took beats what a hello took, once there is any.
-                    latency_ms: record
-                        .ttfb_ewma_ms
-                        .or(status.latency_ms)
-                        .unwrap_or(f64::MAX),
+                    latency_ms: p.ttfb_ewma_ms.or(p.hello_latency_ms).unwrap_or(f64::MAX),
                     failures: out.failures.load(Ordering::Relaxed),
-                    reliability: record.reliability(),
+                    reliability: p.reliability,
                     probation: standing == Standing::Probation,
                 },
-                translate,
+                translate: !speaks(offer, dialect),
             });
         }
         let views: Vec<PeerView> = candidates.iter().map(|c| c.view).collect();
         let order = routing::rank_peers(&views);
         let mut slots: Vec<Option<PeerCandidate>> = candidates.into_iter().map(Some).collect();
-        order.into_iter().filter_map(|i| slots[i].take()).collect()
+        let ranked = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        (ranked, ejected_for)
     }
 
     /// Our concurrency bookkeeping for a peer, resized when its grant for us changes.
@@ -326,11 +324,13 @@ impl Grid {
     fn judge(&self, c: &PeerCandidate, outcome: RequestOutcome) {
         let peers = self.peers.approvals().file.peers.len();
         let now = reputation::unix_now();
-        if self
+        let ejected = self
             .peers
             .reputations()
-            .request(&c.key, outcome, now, peers)
-        {
+            .request(&c.key, outcome, now, peers);
+        // Routing reads reputation from the peer snapshot: publish the change.
+        self.peers.reputation_changed();
+        if ejected {
             let record = self.peers.reputations().get(&c.key);
             tracing::warn!(
                 peer = %c.node_id,
@@ -363,13 +363,9 @@ impl Grid {
         let snapshot = self.relay.catalog().snapshot();
         let mut listing = snapshot.listing(dialect);
         let mut remote: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let approvals = self.peers.approvals();
-        for p in &approvals.file.peers {
-            let status = self.peers.status(&p.public_key);
-            if !status.reachable {
-                continue;
-            }
-            for m in &status.models {
+        let snapshot = self.peers.routing();
+        for p in snapshot.peers.iter().filter(|p| p.reachable) {
+            for m in &p.models {
                 // Ollama clients reach OpenAI-only models too, through translation.
                 let speaks = m.speaks(dialect.as_str())
                     || (dialect == Dialect::Ollama && m.speaks(Dialect::OpenAi.as_str()));

@@ -273,7 +273,7 @@ impl Node {
             stopped: background_done.clone(),
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
-            mesh_port: config.mesh_listen.port(),
+            mesh_listen: config.mesh_listen,
             interfaces: config.mdns_interfaces.clone(),
             client: client.clone(),
             peers: peers.clone(),

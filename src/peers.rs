@@ -7,6 +7,7 @@
 //! never blocks on a writer. Discovery only reports sightings here; it never grants anything.
 
 pub mod reputation;
+pub mod snapshot;
 pub mod store;
 
 use std::collections::HashMap;
@@ -14,11 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::identity::PublicKey;
 use crate::timefmt::rfc3339;
+use snapshot::{PeerSnapshot, RoutingPeer};
 use store::{ApprovedPeer, ApprovedPeers, Permissions, StoreError};
 
 /// An immutable view of the approvals, as last read or written.
@@ -166,6 +169,7 @@ pub struct PeerTable {
     change: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
     reputations: reputation::Reputations,
+    routing: ArcSwap<PeerSnapshot>,
 }
 
 #[derive(Default)]
@@ -254,6 +258,7 @@ impl PeerTable {
             change: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner::default()),
             reputations: reputation::Reputations::open(data_dir),
+            routing: ArcSwap::from_pointee(PeerSnapshot::default()),
             path,
         };
         table.reload_if_changed();
@@ -433,6 +438,54 @@ impl PeerTable {
         inner.runtime = runtime;
         drop(inner);
         self.approvals.send_replace(Arc::new(Approvals { file }));
+        self.publish_routing();
+    }
+
+    /// What routing reads: the approved peers with their last hello and reputation.
+    pub fn routing(&self) -> Arc<PeerSnapshot> {
+        self.routing.load_full()
+    }
+
+    /// A request outcome changed a peer's reputation: routing must see it.
+    pub fn reputation_changed(&self) {
+        self.publish_routing();
+    }
+
+    /// Rebuilds the routing snapshot from the approvals, hellos, sightings and reputations.
+    fn publish_routing(&self) {
+        let approvals = self.approvals();
+        let peers = {
+            let inner = self.lock();
+            approvals
+                .file
+                .peers
+                .iter()
+                .map(|p| {
+                    let status = inner.status.get(&p.public_key);
+                    let (ttfb_ewma_ms, reliability, ejected_until) =
+                        self.reputations.routing_facts(&p.public_key);
+                    let endpoint = p.endpoint.clone().or_else(|| {
+                        inner
+                            .sightings
+                            .get(&p.public_key)
+                            .and_then(|e| e.endpoint.clone())
+                    });
+                    RoutingPeer {
+                        key: p.public_key,
+                        node_id: p.node_id.clone(),
+                        addr: endpoint.and_then(|e| e.parse().ok()),
+                        reachable: status.is_some_and(|s| s.reachable),
+                        models: status.map(|s| s.models.clone()).unwrap_or_default(),
+                        grant: status.map_or(0, |s| s.grant),
+                        hello_latency_ms: status.and_then(|s| s.latency_ms),
+                        ttfb_ewma_ms,
+                        reliability,
+                        ejected_until,
+                    }
+                })
+                .collect()
+        };
+        self.routing.store(Arc::new(PeerSnapshot { peers }));
     }
 
     /// Records that `key` was seen by `source`.
@@ -473,6 +526,7 @@ impl PeerTable {
         if node_id.is_some() {
             e.node_id = node_id;
         }
+        let moved = endpoint.is_some() && e.endpoint != endpoint;
         if endpoint.is_some() {
             e.endpoint = endpoint;
         }
@@ -481,6 +535,10 @@ impl PeerTable {
         }
         e.last_seen = now;
         e.last_seen_at = Instant::now();
+        drop(inner);
+        if moved {
+            self.publish_routing();
+        }
     }
 
     /// `source` no longer sees `key` (an mDNS goodbye, a TTL expiry): the sighting drops that
@@ -569,6 +627,7 @@ impl PeerTable {
         let now = reputation::unix_now();
         self.reputations.hello(&key, status.reachable, now);
         self.lock().status.insert(key, status);
+        self.publish_routing();
         if let Err(e) = self.reputations.flush_if_due(now) {
             tracing::warn!(error = %e, "writing reputation.json failed");
         }
@@ -589,6 +648,7 @@ impl PeerTable {
                 }
             }
         }
+        self.publish_routing();
     }
 
     /// What the last hello to `key` found.

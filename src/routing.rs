@@ -95,13 +95,27 @@ pub struct PeerView {
 /// Steps in which reliability is compared: peers within one step are equally reliable, so
 /// that noise in the average does not reorder them.
 const RELIABILITY_STEPS: f64 = 20.0;
+/// Below this share of answered requests a peer is unreliable: it ranks after every reliable
+/// one, hot or not (a failed request costs more than loading a model).
+pub const RELIABLE: f64 = 0.9;
 
 /// Indices of the peers worth trying, best first: never one at the concurrency it grants us,
 /// nor a peer on probation that already has our probe; then those with free slots before those
-/// without, proven peers before those on probation, hot (model loaded) before cold, most free
-/// slots relative to the grant, more reliable, lower latency, fewer recent failures.
+/// without, proven peers before those on probation, reliable ones (see [`RELIABLE`]) before
+/// unreliable ones, hot (model loaded) before cold, most free slots relative to the grant, more
+/// reliable, lower latency, fewer recent failures.
 pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
-    type Key = (bool, bool, bool, Reverse<u64>, Reverse<u8>, u64, u32, usize);
+    type Key = (
+        bool,
+        bool,
+        bool,
+        bool,
+        Reverse<u64>,
+        Reverse<u8>,
+        u64,
+        u32,
+        usize,
+    );
     let mut ranked: Vec<Key> = peers
         .iter()
         .enumerate()
@@ -115,6 +129,7 @@ pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
             (
                 free == 0,
                 p.probation,
+                p.reliability < RELIABLE,
                 !p.hot,
                 Reverse(ratio),
                 Reverse(reliability),
@@ -125,7 +140,7 @@ pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
         })
         .collect();
     ranked.sort_unstable();
-    ranked.into_iter().map(|r| r.7).collect()
+    ranked.into_iter().map(|r| r.8).collect()
 }
 
 #[cfg(test)]
@@ -237,6 +252,12 @@ mod tests {
             ..peer(0, 0, 2, 1.0, 0)
         };
         assert_eq!(rank_peers(&[solid_full, flaky_fast]), [1, 0]);
+        // An unreliable peer with the model hot ranks after a reliable cold one.
+        let flaky_hot = PeerView {
+            hot: true,
+            ..flaky_fast
+        };
+        assert_eq!(rank_peers(&[flaky_hot, solid_slow]), [1, 0]);
     }
 
     #[test]

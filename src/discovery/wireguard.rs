@@ -5,7 +5,7 @@
 //!
 //! Reading a tunnel's peers needs CAP_NET_ADMIN (root, or the capability in the service unit).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,7 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::task::JoinSet;
 
+use super::jittered;
 use crate::mesh::client::MeshClient;
 use crate::peers::{PeerTable, Source};
 
@@ -84,20 +86,42 @@ pub struct WireguardDiscovery {
 impl BackgroundService for WireguardDiscovery {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut last_probe: HashMap<IpAddr, Instant> = HashMap::new();
+        // Tunnel addresses whose hello is under way: probed concurrently, so a stale tunnel
+        // (whose hello ends only at its timeout) delays neither the others nor the next round.
+        let mut in_flight: HashSet<IpAddr> = HashSet::new();
+        let mut probes: JoinSet<IpAddr> = JoinSet::new();
         loop {
             for iface in &self.interfaces {
-                self.round(iface, &mut last_probe).await;
+                self.round(iface, &mut last_probe, &mut in_flight, &mut probes)
+                    .await;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = shutdown.changed() => return,
+            let next_round = tokio::time::Instant::now() + jittered(self.interval);
+            loop {
+                tokio::select! {
+                    Some(done) = probes.join_next(), if !probes.is_empty() => {
+                        if let Ok(ip) = done {
+                            in_flight.remove(&ip);
+                        }
+                    }
+                    _ = tokio::time::sleep_until(next_round) => break,
+                    _ = shutdown.changed() => {
+                        probes.abort_all();
+                        return;
+                    }
+                }
             }
         }
     }
 }
 
 impl WireguardDiscovery {
-    async fn round(&self, iface: &str, last_probe: &mut HashMap<IpAddr, Instant>) {
+    async fn round(
+        &self,
+        iface: &str,
+        last_probe: &mut HashMap<IpAddr, Instant>,
+        in_flight: &mut HashSet<IpAddr>,
+        probes: &mut JoinSet<IpAddr>,
+    ) {
         let out = tokio::process::Command::new("wg")
             .args(["show", iface, "dump"])
             .output()
@@ -117,7 +141,6 @@ impl WireguardDiscovery {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut peers = parse_dump(&dump);
-        // Live tunnels first: a peer that just handshook is the likeliest to answer.
         peers.sort_by_key(|p| std::cmp::Reverse(p.latest_handshake));
         for p in peers {
             let fresh = p.latest_handshake > 0
@@ -127,25 +150,30 @@ impl WireguardDiscovery {
                     || last_probe
                         .get(ip)
                         .is_none_or(|t| t.elapsed() >= STALE_PROBE_EVERY);
-                if !due {
+                if !due || !in_flight.insert(*ip) {
                     continue;
                 }
                 last_probe.insert(*ip, Instant::now());
-                let endpoint = SocketAddr::new(*ip, self.mesh_port);
-                match self.client.hello(endpoint, None).await {
-                    Ok(h) => {
-                        self.peers.sighted(
-                            h.key,
-                            Source::Wireguard,
-                            h.node_id,
-                            Some(endpoint.to_string()),
-                        );
-                        self.peers.set_wireguard_key(&h.key, &p.wg_key);
+                let (ip, wg_key) = (*ip, p.wg_key.clone());
+                let endpoint = SocketAddr::new(ip, self.mesh_port);
+                let (client, peers) = (self.client.clone(), self.peers.clone());
+                probes.spawn(async move {
+                    match client.hello(endpoint, None).await {
+                        Ok(h) => {
+                            peers.sighted(
+                                h.key,
+                                Source::Wireguard,
+                                h.node_id,
+                                Some(endpoint.to_string()),
+                            );
+                            peers.set_wireguard_key(&h.key, &wg_key);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%endpoint, wg_peer = %wg_key, error = %e, "no arknet node behind this tunnel peer")
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(%endpoint, wg_peer = %p.wg_key, error = %e, "no arknet node behind this tunnel peer")
-                    }
-                }
+                    ip
+                });
             }
         }
     }

@@ -6,7 +6,7 @@
 //! only if the other side holds a leaf key issued by that identity. A certificate for another
 //! key than the one expected, or a pinned handshake that fails, counts as a spoof.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use super::protocol::{
     PROTOCOL_VERSION,
 };
 use super::tls::{parse_identity_cert, MeshTls, MESH_SNI};
+use crate::discovery::jittered;
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
 use crate::peers::{PeerStatus, PeerTable, Source};
@@ -25,6 +26,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::tls::x509::X509;
+use tokio::task::JoinSet;
 
 /// Why a hello failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,9 @@ pub struct Hello {
     pub latency: Duration,
 }
 
+/// The longest a hello may take, from connect to the last byte of the answer.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Outbound side of the mesh.
 pub struct MeshClient {
     tls: Arc<MeshTls>,
@@ -92,8 +97,24 @@ impl MeshClient {
     }
 
     /// Hello to whoever listens at `addr`; `expected` pins the key when known. Returns the
-    /// verified identity.
+    /// verified identity. Gives up after [`HELLO_TIMEOUT`], handshake and body included.
     pub async fn hello(
+        &self,
+        addr: SocketAddr,
+        expected: Option<&PublicKey>,
+    ) -> Result<Hello, HelloError> {
+        // The upstream's own limits are sized for inference (minutes to a first byte); a peer
+        // that takes the connection and then stalls must not hold a hello that long.
+        tokio::time::timeout(HELLO_TIMEOUT, self.exchange(addr, expected))
+            .await
+            .unwrap_or_else(|_| {
+                Err(HelloError::Unreachable(format!(
+                    "{addr}: no hello within {HELLO_TIMEOUT:?}"
+                )))
+            })
+    }
+
+    async fn exchange(
         &self,
         addr: SocketAddr,
         expected: Option<&PublicKey>,
@@ -214,6 +235,11 @@ impl MeshClient {
 
 /// Background loop: re-reads `approved_peers.json` when edited, probes static endpoints, and
 /// says hello to every approved peer with a known endpoint.
+///
+/// Each target (a static endpoint, an approved peer) has its own schedule: a hello is started
+/// when the target is due, runs concurrently with the others, and the next one is due a
+/// jittered [`MeshPoller::hello_interval`] after it ends. A dead peer costs only its own
+/// hellos their timeout; the others keep their period.
 pub struct MeshPoller {
     /// Outbound client.
     pub client: Arc<MeshClient>,
@@ -230,67 +256,167 @@ pub struct MeshPoller {
 /// How often the approvals file is checked for hand edits.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Whom a hello goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    /// A configured endpoint, key unknown until it answers.
+    Static(SocketAddr),
+    /// An approved peer, at its current endpoint.
+    Approved(PublicKey),
+}
+
+/// A finished hello: to whom, and what came back.
+type Outcome = (Target, Result<Hello, HelloError>);
+
+/// When each target is due, and which hellos are under way; no I/O.
+#[derive(Debug, Default)]
+struct Schedule {
+    next: HashMap<Target, Instant>,
+    in_flight: HashSet<Target>,
+}
+
+impl Schedule {
+    /// The targets to dial now, out of `targets` (the current list): due ones not already
+    /// being dialed. They count as in flight from here on; targets no longer listed are
+    /// forgotten.
+    fn due(&mut self, targets: &[Target], now: Instant) -> Vec<Target> {
+        self.next.retain(|t, _| targets.contains(t));
+        let due: Vec<Target> = targets
+            .iter()
+            .filter(|t| !self.in_flight.contains(t))
+            .filter(|t| self.next.get(t).is_none_or(|at| *at <= now))
+            .copied()
+            .collect();
+        self.in_flight.extend(due.iter().copied());
+        due
+    }
+
+    /// `target`'s hello ended at `now`; its next one is due `period` later.
+    fn done(&mut self, target: Target, now: Instant, period: Duration) {
+        self.in_flight.remove(&target);
+        self.next.insert(target, now + period);
+    }
+
+    /// The earliest time a target not in flight falls due.
+    fn next_due(&self) -> Option<Instant> {
+        self.next
+            .iter()
+            .filter(|(t, _)| !self.in_flight.contains(t))
+            .map(|(_, at)| *at)
+            .min()
+    }
+}
+
 #[async_trait]
 impl BackgroundService for MeshPoller {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut last_hello: Option<Instant> = None;
+        let mut schedule = Schedule::default();
+        let mut hellos: JoinSet<Outcome> = JoinSet::new();
         loop {
             self.peers.reload_if_changed();
             self.metrics
                 .approvals_file_valid
                 .set(i64::from(self.peers.file_error().is_none()));
-            if last_hello.is_none_or(|t| t.elapsed() >= self.hello_interval) {
-                last_hello = Some(Instant::now());
-                self.round().await;
+            for target in schedule.due(&self.targets(), Instant::now()) {
+                self.spawn_hello(target, &mut hellos);
             }
+            let file_check = tokio::time::Instant::now() + FILE_CHECK_INTERVAL;
+            let wake = schedule
+                .next_due()
+                .map_or(file_check, |at| file_check.min(at.into()));
             tokio::select! {
-                _ = tokio::time::sleep(FILE_CHECK_INTERVAL) => {}
-                _ = shutdown.changed() => return,
+                Some(done) = hellos.join_next(), if !hellos.is_empty() => {
+                    if let Ok((target, result)) = done {
+                        self.record(target, result);
+                        schedule.done(target, Instant::now(), jittered(self.hello_interval));
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = shutdown.changed() => {
+                    hellos.abort_all();
+                    return;
+                }
             }
         }
     }
 }
 
 impl MeshPoller {
-    async fn round(&self) {
-        for addr in &self.static_peers {
-            match self.client.hello(*addr, None).await {
-                Ok(h) => {
-                    self.peers
-                        .sighted(h.key, Source::Static, h.node_id, Some(addr.to_string()))
-                }
-                Err(e) => tracing::debug!(%addr, error = %e, "static peer probe failed"),
-            }
-        }
+    /// Everyone to say hello to now: static endpoints, and approved peers with an endpoint.
+    fn targets(&self) -> Vec<Target> {
         let approvals = self.peers.approvals();
-        for p in &approvals.file.peers {
-            let Some(endpoint) = self.peers.endpoint_of(&p.public_key) else {
-                continue;
-            };
-            let mut status = self.peers.status(&p.public_key);
-            let result = match endpoint.parse::<SocketAddr>() {
-                Ok(addr) => self.client.hello(addr, Some(&p.public_key)).await,
-                Err(_) => Err(HelloError::Unreachable(format!(
-                    "bad endpoint `{endpoint}`"
-                ))),
-            };
-            log_hello_changes(&p.node_id, &status, result.as_ref().ok());
-            match result {
-                Ok(h) => {
-                    status.reachable = true;
-                    status.last_hello = Some(now_rfc3339());
-                    status.latency_ms = Some(h.latency.as_secs_f64() * 1000.0);
-                    status.models = h.models;
-                    status.grant = h.grant;
-                    status.error = (!h.approved_us).then(|| HelloError::NotApproved.to_string());
-                }
-                Err(e) => {
-                    status.reachable = false;
-                    status.error = Some(e.to_string());
-                }
+        let approved = approvals
+            .file
+            .peers
+            .iter()
+            .filter(|p| self.peers.endpoint_of(&p.public_key).is_some())
+            .map(|p| Target::Approved(p.public_key));
+        self.static_peers
+            .iter()
+            .map(|a| Target::Static(*a))
+            .chain(approved)
+            .collect()
+    }
+
+    fn spawn_hello(&self, target: Target, hellos: &mut JoinSet<Outcome>) {
+        let client = self.client.clone();
+        let (addr, expected) = match target {
+            Target::Static(addr) => (Ok(addr), None),
+            Target::Approved(key) => {
+                let endpoint = self.peers.endpoint_of(&key).unwrap_or_default();
+                let addr = endpoint
+                    .parse::<SocketAddr>()
+                    .map_err(|_| HelloError::Unreachable(format!("bad endpoint `{endpoint}`")));
+                (addr, Some(key))
             }
-            self.peers.set_status(p.public_key, status);
+        };
+        hellos.spawn(async move {
+            let result = match addr {
+                Ok(addr) => client.hello(addr, expected.as_ref()).await,
+                Err(e) => Err(e),
+            };
+            (target, result)
+        });
+    }
+
+    /// Reports a finished hello: a sighting for a static endpoint, a status for a peer.
+    fn record(&self, target: Target, result: Result<Hello, HelloError>) {
+        let key = match target {
+            Target::Static(addr) => {
+                match result {
+                    Ok(h) => {
+                        self.peers
+                            .sighted(h.key, Source::Static, h.node_id, Some(addr.to_string()))
+                    }
+                    Err(e) => tracing::debug!(%addr, error = %e, "static peer probe failed"),
+                }
+                return;
+            }
+            Target::Approved(key) => key,
+        };
+        if self.peers.approvals().get(&key).is_none() {
+            // Revoked while the hello ran: no status for a stranger.
+            return;
         }
+        let mut status = self.peers.status(&key);
+        if let Some(p) = self.peers.approvals().get(&key) {
+            log_hello_changes(&p.node_id, &status, result.as_ref().ok());
+        }
+        match result {
+            Ok(h) => {
+                status.reachable = true;
+                status.last_hello = Some(now_rfc3339());
+                status.latency_ms = Some(h.latency.as_secs_f64() * 1000.0);
+                status.models = h.models;
+                status.grant = h.grant;
+                status.error = (!h.approved_us).then(|| HelloError::NotApproved.to_string());
+            }
+            Err(e) => {
+                status.reachable = false;
+                status.error = Some(e.to_string());
+            }
+        }
+        self.peers.set_status(key, status);
     }
 }
 
@@ -315,5 +441,54 @@ fn log_hello_changes(node_id: &str, before: &PeerStatus, hello: Option<&Hello>) 
     }
     for m in was.iter().filter(|m| !now.contains(m)) {
         tracing::info!(node_id, model = %m, "peer withdrew a model from us");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(i: u8) -> Target {
+        Target::Static(SocketAddr::from(([127, 0, 0, i], 8911)))
+    }
+
+    #[test]
+    fn a_hello_still_under_way_does_not_hold_back_the_others() {
+        let period = Duration::from_secs(1);
+        let (dead, live) = (target(2), target(3));
+        let mut schedule = Schedule::default();
+        let t0 = Instant::now();
+        assert_eq!(schedule.due(&[dead, live], t0), vec![dead, live]);
+        // The live peer answers at once, the dead one hangs for many periods.
+        schedule.done(live, t0, period);
+        let mut dialed_live = 0;
+        for tick in 1..=10u32 {
+            let now = t0 + period * tick;
+            for t in schedule.due(&[dead, live], now) {
+                assert_eq!(
+                    t, live,
+                    "the dead peer is dialed again while its hello hangs"
+                );
+                dialed_live += 1;
+                schedule.done(live, now, period);
+            }
+        }
+        assert_eq!(dialed_live, 10, "the live peer keeps its period");
+        // Once the dead peer's hello gives up, it is due again a period later, not at once.
+        let end = t0 + period * 10;
+        schedule.done(dead, end, period);
+        assert!(schedule.due(&[dead], end).is_empty());
+        assert_eq!(schedule.due(&[dead], end + period), vec![dead]);
+    }
+
+    #[test]
+    fn targets_no_longer_listed_are_forgotten() {
+        let mut schedule = Schedule::default();
+        let now = Instant::now();
+        schedule.due(&[target(2)], now);
+        schedule.done(target(2), now, Duration::from_secs(1));
+        assert_eq!(schedule.next_due(), Some(now + Duration::from_secs(1)));
+        assert!(schedule.due(&[], now).is_empty());
+        assert_eq!(schedule.next_due(), None);
     }
 }

@@ -208,11 +208,7 @@ impl PeerRecord {
 
     /// Whether routing may use the peer at `now`.
     pub fn standing(&self, now: u64) -> Standing {
-        match self.ejected_until {
-            Some(t) if t > now => Standing::Ejected,
-            Some(_) => Standing::Probation,
-            None => Standing::Good,
-        }
+        standing(self.ejected_until, now)
     }
 
     /// Share of requests answered, 1.0 before any request (innocent until proven flaky).
@@ -266,6 +262,15 @@ impl PeerRecord {
                 .filter(|_| standing == Standing::Ejected)
                 .map(|t| t - now),
         }
+    }
+}
+
+/// Standing at `now` of a peer ejected until `ejected_until`.
+pub fn standing(ejected_until: Option<u64>, now: u64) -> Standing {
+    match ejected_until {
+        Some(t) if t > now => Standing::Ejected,
+        Some(_) => Standing::Probation,
+        None => Standing::Good,
     }
 }
 
@@ -360,6 +365,14 @@ impl Reputations {
             .entry(*key)
             .or_default()
             .request(outcome, now, allowed)
+    }
+
+    /// What routing needs of `key`'s record (TTFB average, reliability, ejection), without
+    /// copying its history.
+    pub fn routing_facts(&self, key: &PublicKey) -> (Option<f64>, f64, Option<u64>) {
+        self.lock().records.get(key).map_or((None, 1.0, None), |r| {
+            (r.ttfb_ewma_ms, r.reliability(), r.ejected_until)
+        })
     }
 
     /// A copy of `key`'s record.
