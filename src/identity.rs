@@ -150,6 +150,11 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// Where the node's private key lives in `data_dir` (created at first start).
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(IDENTITY_DIR).join(KEY_FILE)
+}
+
 impl Identity {
     /// Loads the identity from `<data_dir>/identity/`, creating it on first start.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod catalog;
 pub mod config;
 pub mod discovery;
+pub mod doctor;
 pub mod error;
 pub mod fsutil;
 pub mod gateway;

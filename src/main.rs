@@ -11,11 +11,18 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 const DEFAULT_CONFIG_PATH: &str = "conf/arknet.toml";
 /// `sysexits.h` EX_USAGE: a bad command line or config.
 const EX_USAGE: u8 = 64;
+/// `arknet --version`: the crate version and the commit it was built from (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ARKNET_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "arknet",
-    version,
+    version = VERSION,
     about = "Pool home AI servers into a cooperative grid"
 )]
 struct Cli {
@@ -29,6 +36,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print this node's id and public key (creating the identity on first use).
     Id(ConfigArgs),
+    /// Report what a node with these options would find (backends, ports, discovery, files,
+    /// clock) and what is wrong; exit 1 when something is. Takes `serve`'s options.
+    Doctor(ServeArgs),
     /// Manage peers through the running node's admin API.
     Peers {
         #[command(flatten)]
@@ -154,6 +164,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Id(args) => id(args),
+        Command::Doctor(args) => doctor(args),
         Command::Peers {
             config,
             api,
@@ -182,13 +193,6 @@ fn load(args: &ConfigArgs) -> Result<Config, String> {
         config.node_id = Some(id.clone());
     }
     Ok(config)
-}
-
-/// The config file a command reads, if any (`None`: built-in defaults).
-fn config_source(args: &ConfigArgs) -> Option<PathBuf> {
-    args.config
-        .clone()
-        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()))
 }
 
 fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String> {
@@ -241,11 +245,15 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
     Ok(())
 }
 
+/// The config `serve` and `doctor` run with: the file, then the command-line overrides.
+fn serve_config(args: &ServeArgs) -> Result<Config, String> {
+    let mut config = load(&args.config)?;
+    apply_serve_flags(&mut config, args)?;
+    Ok(config)
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
-    let config = match load(&args.config).and_then(|mut c| {
-        apply_serve_flags(&mut c, &args)?;
-        Ok(c)
-    }) {
+    let config = match serve_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("arknet: {e}");
@@ -253,15 +261,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check {
-        match config_source(&args.config) {
+        match config_file(&args.config) {
             Some(p) => eprintln!("arknet: {} is valid", p.display()),
             None => eprintln!("arknet: built-in defaults are valid"),
         }
         return ExitCode::SUCCESS;
     }
     init_tracing(&config.log_level);
-    let node = match Node::prepare(config).map(|n| n.with_config_file(config_source(&args.config)))
-    {
+    let node = match Node::prepare(config).map(|n| n.with_config_file(config_file(&args.config))) {
         Ok(n) => n,
         Err(e) => {
             tracing::error!("{e}");
@@ -274,6 +281,34 @@ fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// The config file `load` reads, or `None` for the built-in defaults.
+fn config_file(args: &ConfigArgs) -> Option<PathBuf> {
+    args.config
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()))
+}
+
+fn doctor(args: ServeArgs) -> ExitCode {
+    let config = match serve_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("arknet: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let source = config_file(&args.config)
+        .map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    let report = arknet::doctor::examine(&config, &source);
+    // The report is the product of this command: it goes to stdout, for the owner and scripts
+    // (`arknet doctor | head` included, hence no panic on a closed pipe).
+    let printed = print_out(report.to_string().trim_end());
+    if report.problems() == 0 {
+        printed
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn id(args: ConfigArgs) -> ExitCode {

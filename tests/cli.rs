@@ -213,3 +213,29 @@ fn peers_cli_approves_lists_and_revokes_through_the_admin_api() {
     let (ok, out) = run(&["revoke", "--node-id", "nobody"]);
     assert!(!ok && out.contains("no approved peer"), "{out}");
 }
+
+#[test]
+fn version_names_the_release_and_the_commit_it_was_built_from() {
+    let out = Command::new(ARKNET)
+        .arg("--version")
+        .output()
+        .expect("run arknet");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // build.rs asks git; outside a checkout (a source tarball) the commit is "unknown".
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let commit = std::env::var("ARKNET_COMMIT")
+        .ok()
+        .or(head)
+        .unwrap_or_else(|| "unknown".to_string());
+    assert_eq!(
+        text.trim(),
+        format!("arknet {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -428,11 +428,33 @@ pub fn effective_interfaces(configured: &[String]) -> Vec<String> {
 }
 
 fn tunnel_interfaces() -> Vec<String> {
+    interface_names()
+        .into_iter()
+        .filter(|n| is_tunnel(n))
+        .collect()
+}
+
+/// Interfaces mDNS uses when `discovery.mdns_interfaces` is empty: every interface of this
+/// machine except loopback and tunnels (what `arknet doctor` reports; the daemon itself
+/// excludes those by kind and name).
+pub fn default_interfaces() -> Vec<String> {
+    let mut names: Vec<String> = interface_names()
+        .into_iter()
+        .filter(|n| n != "lo" && !is_tunnel(n))
+        .collect();
+    names.sort();
+    names
+}
+
+fn is_tunnel(name: &str) -> bool {
+    TUNNEL_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+fn interface_names() -> Vec<String> {
     std::fs::read_dir("/sys/class/net")
         .map(|dir| {
             dir.filter_map(Result::ok)
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| TUNNEL_PREFIXES.iter().any(|p| n.starts_with(p)))
                 .collect()
         })
         .unwrap_or_default()

@@ -141,3 +141,14 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Sends signal `name` (`INT`, `TERM`, ...) to the process `pid` with kill(1); false when it
+/// could not be delivered (the process is gone).
+pub fn signal(pid: u32, name: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
