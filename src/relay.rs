@@ -767,3 +767,6 @@ fn stream_dialect(h: &ResponseHeader) -> Option<Dialect> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests;

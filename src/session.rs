@@ -582,3 +582,6 @@ pub async fn reply_with(
     let body = if head { Bytes::new() } else { body };
     s.write_response_body(body, true).await.is_ok()
 }
+
+#[cfg(test)]
+mod tests;
