@@ -168,20 +168,28 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 /// Reads (or creates, mode 0600) the admin token in the data dir.
 pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
-    match std::fs::read_to_string(path) {
+    let exists_empty = match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => return Err(e),
-    }
+    };
     use ring::rand::SecureRandom;
     let mut raw = [0u8; 24];
     ring::rand::SystemRandom::new()
         .fill(&mut raw)
         .map_err(|_| std::io::Error::other("no system randomness"))?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    crate::fsutil::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)?;
-    Ok(token)
+    let line = format!("{token}\n");
+    if exists_empty {
+        crate::fsutil::write_atomic(path, line.as_bytes(), 0o600)?;
+        return Ok(token);
+    }
+    if crate::fsutil::create_new_atomic(path, line.as_bytes(), 0o600)? {
+        return Ok(token);
+    }
+    // Created meanwhile by another process: the token on disk is the one clients will read.
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -40,10 +40,18 @@ pub struct AuditRecord {
     pub peer: String,
     /// The model requested.
     pub model: String,
-    /// HTTP status answered.
+    /// The request's real outcome as an HTTP status: the status answered, except for a
+    /// response cut short (403 revoked, 502 upstream broke, 499 client left) and a request that
+    /// got no answer (504 timeout, 502 unreachable).
     pub status: u16,
-    /// Prompt tokens, when the backend reported or the stream showed them.
+    /// What went wrong, when something did (a refusal's code, a timeout, a cut stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Prompt tokens: the backend's count, or an estimate from the request text.
     pub prompt_tokens: Option<u64>,
+    /// `prompt_tokens` is an estimate (the response carried no count).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub prompt_tokens_estimated: bool,
     /// Generated tokens.
     pub completion_tokens: Option<u64>,
     /// Where the token counts come from: our backend, a peer's claim, or our own count.
@@ -137,6 +145,10 @@ impl AuditLog {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
 fn open_append(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
@@ -157,7 +169,9 @@ mod tests {
             peer: "dave".into(),
             model: "m".into(),
             status: 200 + i,
+            error: None,
             prompt_tokens: Some(3),
+            prompt_tokens_estimated: false,
             completion_tokens: Some(5),
             token_source: TokenSource::Backend,
             claim_refused: false,

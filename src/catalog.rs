@@ -231,6 +231,7 @@ impl Catalog {
                         .backend_models
                         .with_label_values(&[&b.config.name])
                         .set(models.len() as i64);
+                    log_model_changes(&b.config.name, slot.models.as_deref(), &models);
                     slot.models = Some(models);
                     slot.up = true;
                 }
@@ -250,6 +251,37 @@ impl Catalog {
         self.tx.send_replace(next.clone());
         *last = Some(Instant::now());
         next
+    }
+}
+
+/// One INFO line when a backend's model list is first known or changes: the owner sees what
+/// the node serves without polling.
+fn log_model_changes(backend: &str, before: Option<&[ListedModel]>, after: &[ListedModel]) {
+    let names = |l: &[ListedModel]| -> Vec<String> { l.iter().map(|m| m.name.clone()).collect() };
+    let now = names(after);
+    match before {
+        None => tracing::info!(backend, models = %now.join(", "), "backend models"),
+        Some(before) => {
+            let was = names(before);
+            let added: Vec<&str> = now
+                .iter()
+                .filter(|m| !was.contains(m))
+                .map(String::as_str)
+                .collect();
+            let removed: Vec<&str> = was
+                .iter()
+                .filter(|m| !now.contains(m))
+                .map(String::as_str)
+                .collect();
+            if !added.is_empty() || !removed.is_empty() {
+                tracing::info!(
+                    backend,
+                    added = %added.join(", "),
+                    removed = %removed.join(", "),
+                    "backend models changed"
+                );
+            }
+        }
     }
 }
 

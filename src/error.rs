@@ -144,10 +144,19 @@ impl ApiError {
     }
 
     /// What to answer when every candidate was tried and none answered: busy ones mean a retry
-    /// soon can succeed (503), otherwise the last failure (502), otherwise nobody had it (404).
-    pub fn exhausted(model: &str, busy: bool, last_failure: Option<String>) -> Self {
+    /// soon can succeed (503), otherwise one that took the request and sent no header in time
+    /// (504), otherwise the last failure (502), otherwise nobody had it (404).
+    pub fn exhausted(
+        model: &str,
+        busy: bool,
+        last_failure: Option<String>,
+        timed_out: bool,
+    ) -> Self {
         match (busy, last_failure) {
             (true, _) => Self::busy(model),
+            // A candidate took the request and never answered: that is the documented 504,
+            // even when others could not be reached at all.
+            (false, Some(detail)) if timed_out => Self::timeout(detail),
             (false, Some(detail)) => Self::backend_unreachable(detail),
             (false, None) => Self::model_not_found(model),
         }

@@ -56,6 +56,7 @@ pub struct Grid {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     outbound: Mutex<HashMap<PublicKey, Arc<Outbound>>>,
+    warnings: crate::health::WarnLimiter,
 }
 
 /// Our side of one peer's grant.
@@ -93,6 +94,7 @@ impl Grid {
             audit,
             metrics,
             outbound: Mutex::new(HashMap::new()),
+            warnings: crate::health::WarnLimiter::default(),
         }
     }
 
@@ -100,13 +102,10 @@ impl Grid {
     pub async fn serve(&self, s: &mut ServerSession, mut req: ModelRequest<'_>) -> Outcome {
         let dialect = req.dialect;
         let local = self.relay.ranked(req.model, dialect, req.path).await;
-        let mut busy = false;
-        let mut failure = None;
+        let mut tried = Tried::default();
         for &target in local.as_deref().unwrap_or_default() {
-            match self.relay.attempt(s, target, &mut req, None).await {
-                Attempt::Done(outcome) => return outcome,
-                Attempt::Busy => busy = true,
-                Attempt::Failed(why) => failure = Some(why),
+            if let Some(outcome) = tried.note(self.relay.attempt(s, target, &mut req, None).await) {
+                return outcome;
             }
         }
         // Peers are looked at only when the node's own backends could not answer: most local
@@ -128,10 +127,8 @@ impl Grid {
                 Err(e) => return reply_error(s, dialect, &e).await,
             };
             for c in peers.iter().take(PEER_ATTEMPTS) {
-                match self.attempt_peer(s, c, &req, &body).await {
-                    Attempt::Done(outcome) => return outcome,
-                    Attempt::Busy => busy = true,
-                    Attempt::Failed(why) => failure = Some(why),
+                if let Some(outcome) = tried.note(self.attempt_peer(s, c, &req, &body).await) {
+                    return outcome;
                 }
                 self.metrics
                     .peer_failovers
@@ -139,7 +136,7 @@ impl Grid {
                     .inc();
             }
         }
-        reply_error(s, dialect, &ApiError::exhausted(req.model, busy, failure)).await
+        reply_error(s, dialect, &tried.error(req.model)).await
     }
 
     /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first; and,
@@ -238,6 +235,21 @@ impl Grid {
         };
         let started_at = SystemTime::now();
         let started = Instant::now();
+        // Every request that went out is audited here, whatever became of it (DESIGN §4).
+        let audit_failure = |status: u16, error: String| {
+            record_peer_request(
+                &self.audit,
+                &self.metrics,
+                Direction::Outbound,
+                &c.node_id,
+                req.model,
+                &Outcome::failed(status),
+                TokenMeter::default().finish(),
+                started,
+                started_at,
+                Some(error),
+            );
+        };
         let rsp = match self.upstream.send(&peer, &header, &body).await {
             Ok(rsp) => rsp,
             Err(e) => {
@@ -249,7 +261,18 @@ impl Grid {
                 }
                 out.failures.fetch_add(1, Ordering::Relaxed);
                 self.judge(c, RequestOutcome::failed());
-                tracing::warn!(peer = %c.node_id, error = %e, "peer failed before responding");
+                crate::warn_limited!(
+                    self.warnings,
+                    &c.node_id,
+                    peer = %c.node_id,
+                    error = %e,
+                    "peer failed before responding"
+                );
+                if matches!(e, SendError::Timeout { .. }) {
+                    audit_failure(504, "no response header in time".to_string());
+                    return Attempt::TimedOut(describe(&c.node_id, &e));
+                }
+                audit_failure(502, "unreachable".to_string());
                 return Attempt::Failed(describe(&c.node_id, &e));
             }
         };
@@ -257,6 +280,7 @@ impl Grid {
         if FAILOVER_STATUSES.contains(&status) {
             // Unread body: dropping the response closes that connection instead of pooling it.
             tracing::info!(peer = %c.node_id, status, "peer declined; trying the next candidate");
+            audit_failure(status, format!("peer answered {status}"));
             if status == 429 || status == 503 {
                 self.peers.note_busy(&c.key, req.model);
                 return Attempt::Busy;
@@ -265,7 +289,7 @@ impl Grid {
             self.judge(c, RequestOutcome::failed());
             return Attempt::Failed(format!("peer {} answered {status}", c.node_id));
         }
-        let mut meter = TokenMeter::default();
+        let mut meter = TokenMeter::for_request(&req.body);
         let outcome =
             relay_response(&self.upstream, s, rsp, None, Some(&mut meter), translator).await;
         out.failures.store(0, Ordering::Relaxed);
@@ -291,6 +315,7 @@ impl Grid {
             tokens,
             started,
             started_at,
+            None,
         );
         Attempt::Done(outcome)
     }
@@ -383,6 +408,34 @@ impl Outbound {
     }
 }
 
+/// What the candidates tried so far came to: the error the client gets when none answered.
+#[derive(Default)]
+struct Tried {
+    busy: bool,
+    failure: Option<String>,
+    timed_out: bool,
+}
+
+impl Tried {
+    /// Notes one attempt; returns the outcome when it answered the client.
+    fn note(&mut self, attempt: Attempt) -> Option<Outcome> {
+        match attempt {
+            Attempt::Done(outcome) => return Some(outcome),
+            Attempt::Busy => self.busy = true,
+            Attempt::Failed(why) => self.failure = Some(why),
+            Attempt::TimedOut(why) => {
+                self.timed_out = true;
+                self.failure = Some(why);
+            }
+        }
+        None
+    }
+
+    fn error(self, model: &str) -> ApiError {
+        ApiError::exhausted(model, self.busy, self.failure, self.timed_out)
+    }
+}
+
 fn describe(node_id: &str, e: &SendError) -> String {
     format!("peer {node_id}: {e}")
 }
@@ -399,8 +452,14 @@ pub fn record_peer_request(
     tokens: Tokens,
     started: Instant,
     started_at: SystemTime,
+    error: Option<String>,
 ) {
     let (prompt, completion) = (tokens.prompt, tokens.completion);
+    // A cut response went out as 200; what the peer got (or we got) was not a full answer.
+    let (status, error) = match outcome.cut {
+        Some(cut) => (cut.audit_status(), Some(cut.reason().to_string())),
+        None => (outcome.status, error),
+    };
     let dir = match direction {
         Direction::Inbound => "inbound",
         Direction::Outbound => "outbound",
@@ -408,7 +467,7 @@ pub fn record_peer_request(
     let elapsed = started.elapsed();
     metrics
         .peer_requests
-        .with_label_values(&[peer, dir, &outcome.status.to_string()])
+        .with_label_values(&[peer, dir, &status.to_string()])
         .inc();
     metrics
         .peer_duration
@@ -427,8 +486,10 @@ pub fn record_peer_request(
         direction,
         peer: peer.to_string(),
         model: model.to_string(),
-        status: outcome.status,
+        status,
+        error,
         prompt_tokens: prompt,
+        prompt_tokens_estimated: tokens.prompt_estimated,
         completion_tokens: completion,
         token_source: tokens.source,
         claim_refused: tokens.claim_refused,

@@ -21,6 +21,25 @@ const CERT_FILE: &str = "node.crt";
 const TLS_KEY_FILE: &str = "tls.key";
 const TLS_CHAIN_FILE: &str = "tls-chain.crt";
 const IDENTITY_DIR: &str = "identity";
+/// Words of default node ids (64 × 64 names): short, distinct, easy to say.
+const ADJECTIVES: [&str; 64] = [
+    "amber", "bold", "brave", "brisk", "calm", "clever", "cosmic", "crisp", "daring", "eager",
+    "early", "fancy", "fluffy", "gentle", "giant", "glad", "golden", "grand", "happy", "hazy",
+    "humble", "icy", "jolly", "keen", "kind", "lively", "lucky", "mellow", "merry", "misty",
+    "modest", "noble", "odd", "olive", "proud", "quick", "quiet", "rapid", "rosy", "royal",
+    "rustic", "sandy", "shiny", "silent", "silver", "sly", "smooth", "snowy", "solar", "spicy",
+    "steady", "stormy", "sunny", "swift", "tidy", "tiny", "urban", "vivid", "warm", "wild",
+    "windy", "wise", "young", "zesty",
+];
+/// Second words of default node ids.
+const ANIMALS: [&str; 64] = [
+    "badger", "bat", "bear", "beaver", "bison", "camel", "cat", "cobra", "crab", "crane", "crow",
+    "deer", "dingo", "dog", "dove", "duck", "eagle", "eel", "elk", "falcon", "ferret", "finch",
+    "fox", "frog", "gecko", "goat", "goose", "hare", "hawk", "heron", "horse", "ibis", "jackal",
+    "jay", "koala", "lark", "lemur", "lion", "llama", "lynx", "mole", "moose", "mouse", "newt",
+    "otter", "owl", "panda", "puma", "quail", "raven", "seal", "shark", "sloth", "snail", "swan",
+    "tiger", "toad", "trout", "viper", "whale", "wolf", "wombat", "yak", "zebra",
+];
 /// How long a TLS leaf issued at start stays valid; a node running longer must restart to
 /// renew it (peers refuse an expired leaf).
 pub const LEAF_VALIDITY: time::Duration = time::Duration::days(397);
@@ -166,6 +185,25 @@ impl Identity {
         // The certificate is derived data: rebuild it when missing or when it names another key.
         let cert_pem = match fs::read_to_string(&cert_path) {
             Ok(pem) if cert_matches(&pem, &public_key) => pem,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pem = self_signed(&key_pair, &public_key)?;
+                let io = |source| IdentityError::Io {
+                    path: cert_path.clone(),
+                    source,
+                };
+                if crate::fsutil::create_new_atomic(&cert_path, pem.as_bytes(), 0o644)
+                    .map_err(io)?
+                {
+                    pem
+                } else {
+                    // A concurrent start wrote it first; it certifies the same key, so use
+                    // what is on disk and keep every process on one certificate.
+                    match fs::read_to_string(&cert_path).map_err(io)? {
+                        disk if cert_matches(&disk, &public_key) => disk,
+                        _ => pem,
+                    }
+                }
+            }
             _ => {
                 let pem = self_signed(&key_pair, &public_key)?;
                 write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
@@ -243,7 +281,10 @@ impl Identity {
         })
     }
 
-    /// Node id derived from the hostname and the key, for nodes that configure none.
+    /// Node id derived from the hostname and the key, for nodes that configure none:
+    /// `ark-<host>-<adjective>-<animal>`. The words come from the key, so each data dir (each
+    /// identity) on a host gets its own name, stable across restarts, that a person can tell
+    /// apart and say aloud, unlike a hex tag.
     pub fn default_node_id(&self) -> String {
         let host = fs::read_to_string("/proc/sys/kernel/hostname")
             .unwrap_or_default()
@@ -253,14 +294,15 @@ impl Identity {
             .take(40)
             .collect::<String>();
         let host = if host.is_empty() { "node".into() } else { host };
-        let tag: String = self.public_key.0[..3]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("ark-{host}-{tag}")
+        let k = self.public_key.0;
+        let adjective = ADJECTIVES[usize::from(k[0]) % ADJECTIVES.len()];
+        let animal = ANIMALS[usize::from(k[1]) % ANIMALS.len()];
+        format!("ark-{host}-{adjective}-{animal}")
     }
 }
 
+/// Creates the key file unless it exists by now, and returns the key that is on disk: when
+/// several processes create an identity at once, exactly one key wins and all of them use it.
 fn create_key(path: &Path) -> Result<String, IdentityError> {
     let mut seed = [0u8; 32];
     SystemRandom::new()
@@ -269,8 +311,16 @@ fn create_key(path: &Path) -> Result<String, IdentityError> {
     let mut der = PKCS8_V1_ED25519_PREFIX.to_vec();
     der.extend_from_slice(&seed);
     let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der));
-    write_atomic(path, pem.as_bytes(), 0o600)?;
-    Ok(pem)
+    let io = |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if crate::fsutil::create_new_atomic(path, pem.as_bytes(), 0o600).map_err(io)? {
+        return Ok(pem);
+    }
+    // Another process (an `arknet id` next to a starting service) created the key first: its
+    // key is the identity, and ours is discarded before anyone saw it.
+    fs::read_to_string(path).map_err(io)
 }
 
 fn self_signed(key: &KeyPair, public_key: &PublicKey) -> Result<String, IdentityError> {
@@ -347,6 +397,29 @@ mod tests {
         let second = Identity::load_or_create(dir.path()).expect("reload");
         assert_eq!(first.public_key(), second.public_key());
         assert!(cert_matches(second.cert_pem(), &second.public_key()));
+    }
+
+    #[test]
+    fn default_node_ids_differ_per_identity_and_read_as_words() {
+        let ids: std::collections::HashSet<String> = (0..8)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                Identity::load_or_create(dir.path())
+                    .expect("create")
+                    .default_node_id()
+            })
+            .collect();
+        // 4096 names: eight identities share one with a probability under 1%.
+        assert!(ids.len() >= 7, "{ids:?}");
+        for id in &ids {
+            let words: Vec<&str> = id.rsplitn(3, '-').collect();
+            assert!(
+                ADJECTIVES.contains(&words[1]) && ANIMALS.contains(&words[0]),
+                "{id}"
+            );
+            assert!(id.starts_with("ark-"), "{id}");
+            assert!(crate::config::valid_node_id(id), "{id}");
+        }
     }
 
     #[test]

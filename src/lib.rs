@@ -21,6 +21,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gateway;
 pub mod grid;
+pub mod health;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
@@ -28,6 +29,7 @@ pub mod peers;
 pub mod relay;
 pub mod routing;
 pub mod session;
+pub mod shutdown;
 pub mod timefmt;
 pub mod upstream;
 
@@ -90,6 +92,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another node runs on this data dir, or the lock file cannot be used.
+    #[error("{0}")]
+    Lock(#[from] crate::fsutil::LockError),
     /// A listener address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -105,6 +110,7 @@ pub struct Node {
     config: Config,
     identity: Identity,
     node_id: String,
+    config_file: Option<PathBuf>,
 }
 
 impl Node {
@@ -123,7 +129,14 @@ impl Node {
             config,
             identity,
             node_id,
+            config_file: None,
         })
+    }
+
+    /// Names the config file the node was configured from, for the start-up summary.
+    pub fn with_config_file(mut self, path: Option<PathBuf>) -> Self {
+        self.config_file = path;
+        self
     }
 
     /// The node id (configured, or derived from hostname and key).
@@ -138,6 +151,9 @@ impl Node {
 
     /// Starts every listener and background task and serves until SIGTERM/SIGINT.
     pub fn run(self) -> Result<(), StartError> {
+        // One node per data dir: two would both write the approvals, the audit log and the TLS
+        // leaf. Held (never dropped: `run_forever` does not return) until the process ends.
+        let _data_dir_lock = crate::fsutil::DataDirLock::acquire(&self.config.data_dir)?;
         // Pingora reports a taken port deep inside its startup; checking here gives the user a
         // one-line error instead.
         for addr in [self.config.api_listen, self.config.mesh_listen] {
@@ -178,6 +194,10 @@ impl Node {
             catalog.clone(),
             metrics.clone(),
         ));
+        let probe = crate::health::BackendProbe {
+            backends: backends.clone(),
+            upstream: Arc::new(Upstream::new(&config.upstream)),
+        };
         let mesh_relay = Arc::new(LocalRelay::new(
             backends,
             mesh_upstream,
@@ -248,7 +268,10 @@ impl Node {
             metrics.clone(),
             bodies,
         );
+        // Without mDNS there is no goodbye to wait for at shutdown.
+        let background_done = Arc::new(std::sync::atomic::AtomicBool::new(!config.mdns));
         let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {
+            stopped: background_done.clone(),
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
             mesh_listen: config.mesh_listen,
@@ -277,32 +300,70 @@ impl Node {
 
         let mut server = Server::new_with_opt_and_conf(None, self.server_conf());
         server.bootstrap();
+        let in_flight = Arc::new(crate::shutdown::InFlight::default());
+        crate::shutdown::exit_when_drained(
+            server.watch_execution_phase(),
+            in_flight.clone(),
+            background_done,
+            std::time::Duration::from_secs(config.shutdown_grace_secs),
+        );
         let limits = config.connections.clone();
-        let api_app = App::new(gateway, limits.clone());
+        let api_app = App::new(gateway, limits.clone()).counting(in_flight.clone());
         let mut api = Service::new("arknet api".to_string(), api_app);
         api.add_tcp(&config.api_listen.to_string());
-        let mesh_app = App::with_tls(mesh, limits, tls.server_acceptor()?);
+        let mesh_app = App::with_tls(mesh, limits, tls.server_acceptor()?).counting(in_flight);
         let mut mesh_service = Service::new("arknet mesh".to_string(), mesh_app);
         mesh_service.add_tcp(&config.mesh_listen.to_string());
         server.add_service(api);
         server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));
         server.add_service(background_service("mesh poller", poller));
+        server.add_service(background_service("backend probe", probe));
         if let Some(mdns) = mdns {
             server.add_service(background_service("mdns discovery", mdns));
         }
         if let Some(wireguard) = wireguard {
             server.add_service(background_service("wireguard discovery", wireguard));
         }
+        self.log_summary();
+        server.run_forever()
+    }
+
+    /// The start-up summary: what an operator needs to know that the node runs as intended.
+    /// The backends' models follow from the catalog once they answer.
+    fn log_summary(&self) {
+        let config = &self.config;
+        let config_file = self.config_file.as_ref().map_or_else(
+            || "none (built-in defaults)".to_string(),
+            |p| p.display().to_string(),
+        );
+        let mdns = if config.mdns {
+            let names = crate::discovery::mdns::effective_interfaces(&config.mdns_interfaces);
+            format!("on ({})", names.join(", "))
+        } else {
+            // Said out loud: a node run outside the checkout has no conf/arknet.toml turning
+            // it on, and silence here once looked like discovery was broken.
+            "off (--mdns or discovery.mdns = true turns it on)".to_string()
+        };
+        let backends: Vec<String> = config
+            .backends
+            .iter()
+            .map(|b| format!("{} ({} at {})", b.name, b.kind, b.url))
+            .collect();
+        let statics: Vec<String> = config.static_peers.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             node_id = %self.node_id,
             public_key = %self.identity.public_key(),
+            config = %config_file,
+            data_dir = %config.data_dir.display(),
             api = %config.api_listen,
             mesh = %config.mesh_listen,
-            data_dir = %config.data_dir.display(),
+            mdns = %mdns,
+            wireguard = %config.wireguard_interface.as_deref().unwrap_or("off"),
+            static_peers = %statics.join(", "),
+            backends = %backends.join(", "),
             "arknet node starting"
         );
-        server.run_forever()
     }
 
     fn server_conf(&self) -> ServerConf {

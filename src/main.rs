@@ -44,7 +44,7 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// The node's API address [default: `api.listen` from the config].
-        #[arg(long)]
+        #[arg(long, global = true)]
         api: Option<std::net::SocketAddr>,
         #[command(subcommand)]
         action: PeersAction,
@@ -103,13 +103,15 @@ enum PeersAction {
 
 #[derive(Args)]
 struct ConfigArgs {
+    // `global`: accepted after a subcommand too (`arknet peers status --api X --data-dir D`),
+    // where users type them.
     /// Config file [default: conf/arknet.toml if it exists, else built-in defaults].
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Data dir (identity, approvals, logs); overrides `data_dir`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// Node id; overrides `node_id`.
+    /// Node id; overrides `node_id`. (Not global: `peers approve --node-id` names the peer.)
     #[arg(long)]
     node_id: Option<String>,
 }
@@ -131,8 +133,15 @@ struct ServeArgs {
     #[arg(long = "peer", value_name = "ADDR")]
     peers: Vec<std::net::SocketAddr>,
     /// No mDNS at all (no multicast socket), whatever the config says.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mdns")]
     no_mdns: bool,
+    /// mDNS discovery on, whatever the config says (interfaces from `discovery.mdns_interfaces`
+    /// or --mdns-interface).
+    #[arg(long)]
+    mdns: bool,
+    /// Interface for mDNS (repeatable); replaces `discovery.mdns_interfaces`.
+    #[arg(long = "mdns-interface", value_name = "IFACE")]
+    mdns_interfaces: Vec<String>,
     /// Backend base URL (repeatable); replaces the config's `[[backends]]`.
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
@@ -197,6 +206,12 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
     if args.no_mdns {
         config.mdns = false;
     }
+    if args.mdns {
+        config.mdns = true;
+    }
+    if !args.mdns_interfaces.is_empty() {
+        config.mdns_interfaces = args.mdns_interfaces.clone();
+    }
     if args.backend_max_concurrent == 0 {
         return Err("--backend-max-concurrent must be at least 1".to_string());
     }
@@ -253,7 +268,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config.log_level);
-    let node = match Node::prepare(config) {
+    let node = match Node::prepare(config).map(|n| n.with_config_file(config_file(&args.config))) {
         Ok(n) => n,
         Err(e) => {
             tracing::error!("{e}");
@@ -286,13 +301,11 @@ fn doctor(args: ServeArgs) -> ExitCode {
     let source = config_file(&args.config)
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
     let report = arknet::doctor::examine(&config, &source);
-    // The report is the product of this command: it goes to stdout, for the owner and scripts.
-    #[allow(clippy::print_stdout)]
-    {
-        print!("{report}");
-    }
+    // The report is the product of this command: it goes to stdout, for the owner and scripts
+    // (`arknet doctor | head` included, hence no panic on a closed pipe).
+    let printed = print_out(report.to_string().trim_end());
     if report.problems() == 0 {
-        ExitCode::SUCCESS
+        printed
     } else {
         ExitCode::FAILURE
     }
@@ -309,12 +322,11 @@ fn id(args: ConfigArgs) -> ExitCode {
     match Node::prepare(config) {
         Ok(node) => {
             // The one place stdout is the product: scripts read these two lines.
-            #[allow(clippy::print_stdout)]
-            {
-                println!("node_id: {}", node.node_id());
-                println!("public_key: {}", node.identity().public_key());
-            }
-            ExitCode::SUCCESS
+            print_out(&format!(
+                "node_id: {}\npublic_key: {}",
+                node.node_id(),
+                node.identity().public_key()
+            ))
         }
         Err(e) => {
             eprintln!("arknet: {e}");
@@ -323,13 +335,31 @@ fn id(args: ConfigArgs) -> ExitCode {
     }
 }
 
+/// Writes `text` and a newline to stdout. A reader that went away (`arknet peers list | head`)
+/// is normal use, not an error worth a panic: the output is just cut, as with any Unix tool.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("arknet: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_tracing(default_level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal; in a file or journal they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -403,12 +433,9 @@ fn peers(args: &ConfigArgs, api: Option<std::net::SocketAddr>, action: PeersActi
             let pretty = serde_json::from_str::<serde_json::Value>(&text)
                 .and_then(|v| serde_json::to_string_pretty(&v))
                 .unwrap_or(text);
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{pretty}");
-            }
+            let printed = print_out(&pretty);
             if (200..300).contains(&status) {
-                ExitCode::SUCCESS
+                printed
             } else {
                 ExitCode::FAILURE
             }

@@ -92,7 +92,13 @@ impl Handler for Mesh {
                 if let Some(key) = key {
                     self.record_stranger(s, key);
                 }
-                return self.deny(s, dialect, &denied).await.reusable;
+                let outcome = self.deny(s, dialect, &denied).await;
+                // Refusals are peer requests too (DESIGN §4); hellos are not requests for
+                // work, and would flood the log from every stranger that dials us.
+                if path != HELLO_PATH {
+                    self.audit_refused(key, &denied, started, &outcome);
+                }
+                return outcome.reusable;
             }
         };
         if path == HELLO_PATH {
@@ -115,6 +121,7 @@ impl Handler for Mesh {
             Err(e) => reply_error(s, dialect, &e).await,
         };
         let model = outcome.model.clone().unwrap_or_default();
+        let error = (outcome.status >= 400).then(|| format!("answered {}", outcome.status));
         record_peer_request(
             &self.audit,
             &self.metrics,
@@ -125,6 +132,7 @@ impl Handler for Mesh {
             meter.finish(),
             started,
             started_at,
+            error,
         );
         outcome.reusable
     }
@@ -176,6 +184,7 @@ impl Mesh {
             bytes: body,
             lease: _lease,
         } = body;
+        *meter = TokenMeter::for_request(&body);
         let permit = match authz::authorize(peer, &model) {
             Ok(permit) => permit,
             Err(denied) => {
@@ -234,6 +243,32 @@ impl Mesh {
             return reply_typed(s, 403, &body).await;
         }
         reply_error(s, dialect, &e).await
+    }
+
+    /// Audit line for a request refused before we knew who sent it: the peer is named by its
+    /// key (it has no approved node id), the model is not read.
+    fn audit_refused(
+        &self,
+        key: Option<crate::identity::PublicKey>,
+        denied: &Denied,
+        started: Instant,
+        outcome: &Outcome,
+    ) {
+        self.audit.write(crate::audit::AuditRecord {
+            timestamp: crate::timefmt::rfc3339(std::time::SystemTime::now() - started.elapsed()),
+            direction: Direction::Inbound,
+            peer: key.map_or_else(|| "no certificate".to_string(), |k| k.to_string()),
+            model: String::new(),
+            status: outcome.status,
+            error: Some(denied.code().to_string()),
+            prompt_tokens: None,
+            prompt_tokens_estimated: false,
+            completion_tokens: None,
+            token_source: crate::gateway::meter::TokenSource::Counted,
+            claim_refused: false,
+            ttft_ms: None,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        });
     }
 
     /// An unapproved key connected: list it as pending so its owner's request can be approved.

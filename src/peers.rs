@@ -210,6 +210,41 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// INFO event lines for what changed between two approval sets: peers approved and revoked,
+/// models shared with a peer or withdrawn from it. The owner sees each change once, whether it
+/// came from the admin API or a hand edit of the file.
+fn log_approval_changes(before: &ApprovedPeers, after: &ApprovedPeers) {
+    for p in &after.peers {
+        let shared = &p.permissions.models_shared;
+        let Some(old) = before.peers.iter().find(|o| o.public_key == p.public_key) else {
+            tracing::info!(
+                node_id = %p.node_id,
+                public_key = %p.public_key,
+                models_shared = %shared.join(", "),
+                max_concurrent = p.permissions.max_concurrent_requests,
+                "peer approved"
+            );
+            continue;
+        };
+        let was = &old.permissions.models_shared;
+        for m in shared.iter().filter(|m| !was.contains(m)) {
+            tracing::info!(node_id = %p.node_id, model = %m, "model shared with peer");
+        }
+        for m in was.iter().filter(|m| !shared.contains(m)) {
+            tracing::info!(node_id = %p.node_id, model = %m, "model withdrawn from peer");
+        }
+    }
+    for old in &before.peers {
+        if !after.peers.iter().any(|p| p.public_key == old.public_key) {
+            tracing::info!(
+                node_id = %old.node_id,
+                public_key = %old.public_key,
+                "peer revoked; its in-flight requests are ended"
+            );
+        }
+    }
+}
+
 /// Sightings not refreshed for this long are dropped (approved peers stay, as approvals).
 const SIGHTING_TTL: Duration = Duration::from_secs(600);
 
@@ -378,6 +413,7 @@ impl PeerTable {
 
     /// Installs new approvals: runtimes of removed peers or changed grants are stopped.
     fn publish(&self, file: ApprovedPeers) {
+        log_approval_changes(&self.approvals().file, &file);
         let mut inner = self.lock();
         let mut runtime = HashMap::with_capacity(file.peers.len());
         for p in &file.peers {
@@ -396,7 +432,7 @@ impl PeerTable {
             // Revoked (or grant changed): in-flight streams of that peer end now.
             old.revoked.send_replace(true);
             if !file.peers.iter().any(|p| p.public_key == key) {
-                tracing::info!(public_key = %key, "peer revoked; its in-flight requests are ended");
+                tracing::debug!(public_key = %key, "revoked peer's in-flight requests ended");
             }
         }
         inner.runtime = runtime;
@@ -461,7 +497,23 @@ impl PeerTable {
         endpoint: Option<String>,
     ) {
         let now = SystemTime::now();
+        let approved = self.approvals().get(&key).is_some();
         let mut inner = self.lock();
+        if !inner.sightings.contains_key(&key) {
+            let state = if approved {
+                "approved"
+            } else {
+                "pending approval"
+            };
+            tracing::info!(
+                public_key = %key,
+                node_id = node_id.as_deref().unwrap_or("?"),
+                endpoint = endpoint.as_deref().unwrap_or("?"),
+                source = ?source,
+                state,
+                "node discovered"
+            );
+        }
         let e = inner.sightings.entry(key).or_insert_with(|| SightingEntry {
             node_id: None,
             wireguard_key: None,

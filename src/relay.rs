@@ -15,9 +15,10 @@ use crate::catalog::{Catalog, Snapshot};
 use crate::error::{ApiError, Dialect};
 use crate::gateway::meter::TokenMeter;
 use crate::gateway::translate::{self, ResponseTranslator};
+use crate::health::WarnLimiter;
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};
-use crate::session::{reply_error, Outcome};
+use crate::session::{reply_error, Cut, Outcome};
 use crate::upstream::{Backend, SendError, Upstream, UpstreamResponse};
 
 /// A miss in the catalog triggers a refresh unless the last one is younger than this: a model
@@ -40,6 +41,10 @@ const NOT_FORWARDED: [&str; 12] = [
     "content-length",
     "expect",
 ];
+
+/// The last event of a stream cut because its peer was revoked; the requesting node reads it
+/// to audit the request as refused rather than served.
+pub const REVOKED_MESSAGE: &str = "access to this node was revoked";
 
 /// A model request ready to be served: the body is read and the model known.
 pub struct ModelRequest<'a> {
@@ -79,6 +84,9 @@ pub enum Attempt {
     Busy,
     /// The candidate failed before answering; nothing reached the client, try the next.
     Failed(String),
+    /// The candidate took the request but sent no header within the first-byte timeout;
+    /// nothing reached the client, try the next (and answer 504 if none answers).
+    TimedOut(String),
 }
 
 /// The node's own backends and what is needed to serve them.
@@ -87,6 +95,7 @@ pub struct LocalRelay {
     upstream: Arc<Upstream>,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    warnings: WarnLimiter,
 }
 
 impl LocalRelay {
@@ -102,6 +111,7 @@ impl LocalRelay {
             upstream,
             catalog,
             metrics,
+            warnings: WarnLimiter::default(),
         }
     }
 
@@ -182,6 +192,7 @@ impl LocalRelay {
         };
         let mut busy = false;
         let mut last_failure = None;
+        let mut timed_out = false;
         for target in order {
             match self
                 .attempt(s, target, &mut req, meter.as_deref_mut())
@@ -190,12 +201,16 @@ impl LocalRelay {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Busy => busy = true,
                 Attempt::Failed(why) => last_failure = Some(why),
+                Attempt::TimedOut(why) => {
+                    timed_out = true;
+                    last_failure = Some(why);
+                }
             }
         }
         reply_error(
             s,
             dialect,
-            &ApiError::exhausted(req.model, busy, last_failure),
+            &ApiError::exhausted(req.model, busy, last_failure, timed_out),
         )
         .await
     }
@@ -209,6 +224,15 @@ impl LocalRelay {
         meter: Option<&mut TokenMeter>,
     ) -> Attempt {
         let backend = &self.backends[target.index];
+        // A backend that refused a connection is left to the background probe: trying it on
+        // every request would cost each one a connect timeout and a log line.
+        if let Some(retry_in) = backend.health.retry_in() {
+            return Attempt::Failed(format!(
+                "backend \"{}\" is down (next probe in {} ms)",
+                backend.config.name,
+                retry_in.as_millis()
+            ));
+        }
         // The owner comes first: peers only get the slots beyond the reserved ones, and never
         // wait for one, so a local burst turns peers away at once.
         if req.from_peer
@@ -244,6 +268,9 @@ impl LocalRelay {
         let sent = self.upstream.send(backend.peer(), &header, &body).await;
         let attempt = match sent {
             Ok(rsp) => {
+                if backend.health.succeeded() {
+                    tracing::info!(backend = %backend.config.name, "backend is up again; using it");
+                }
                 let stop = req.stop.take();
                 Attempt::Done(relay_response(&self.upstream, s, rsp, stop, meter, translator).await)
             }
@@ -255,12 +282,27 @@ impl LocalRelay {
                 Attempt::Done(reply_error(s, req.dialect, &e).await)
             }
             Err(e) => {
-                tracing::warn!(backend = %backend.config.name, error = %e, "backend failed before responding");
                 if matches!(e, SendError::Connect { .. }) {
                     self.metrics
                         .upstream_connect_errors
                         .with_label_values(&[&backend.config.name])
                         .inc();
+                    if let Some(backoff) = backend.health.failed() {
+                        tracing::warn!(
+                            backend = %backend.config.name,
+                            error = %e,
+                            first_probe_ms = backoff.as_millis() as u64,
+                            "backend unreachable; requests skip it until a background probe reaches it"
+                        );
+                    }
+                } else {
+                    crate::warn_limited!(
+                        self.warnings,
+                        &backend.config.name,
+                        backend = %backend.config.name,
+                        error = %e,
+                        "backend failed before responding"
+                    );
                 }
                 Attempt::Failed(format!("backend \"{}\": {e}", backend.config.name))
             }
@@ -274,10 +316,12 @@ impl LocalRelay {
     /// do not say, so their models count as not loaded.
     pub async fn loaded_models(&self) -> Vec<String> {
         let mut names = Vec::new();
+        // A down backend is skipped: every peer's hello asks, and each would wait for a
+        // connect that the background probe already knows fails.
         for b in self
             .backends
             .iter()
-            .filter(|b| b.config.kind == crate::config::BackendKind::Ollama)
+            .filter(|b| b.config.kind == crate::config::BackendKind::Ollama && b.health.is_up())
         {
             let path = b.upstream_path("/api/ps");
             if let Ok(ps) = self
@@ -467,6 +511,7 @@ pub async fn relay_response(
         model: None,
         first_byte: None,
         reusable: false,
+        cut: None,
     };
     if s.write_response_header(Box::new(header)).await.is_err() {
         return outcome;
@@ -478,7 +523,8 @@ pub async fn relay_response(
         let next = tokio::select! {
             next = async { match pending.take() { Some(p) => p, None => rsp.next_chunk().await } } => next,
             () = stopped(&mut stop) => {
-                end_with_error(s, stream_dialect, chunked, "access to this node was revoked").await;
+                end_with_error(s, stream_dialect, chunked, REVOKED_MESSAGE).await;
+                outcome.cut = Some(Cut::Revoked);
                 return outcome;
             }
         };
@@ -496,10 +542,26 @@ pub async fn relay_response(
                     // The client left; dropping `rsp` closes the backend connection, which
                     // makes the backend stop generating.
                     tracing::debug!("client went away mid-response");
+                    outcome.cut = Some(Cut::ClientLeft);
                     return outcome;
                 }
             }
             Ok(None) => {
+                // A peer that cut a stream ended it with an error event and a clean end: the
+                // event, not the framing, says how the request went. (An error *answer*, say a
+                // 400 with a JSON error body, is no cut: its status already tells.)
+                let streamed_ok = (200..300).contains(&status) && stream_dialect.is_some();
+                if let Some(error) = meter
+                    .as_deref()
+                    .filter(|_| streamed_ok)
+                    .and_then(TokenMeter::stream_error)
+                {
+                    outcome.cut = Some(if error.contains(REVOKED_MESSAGE) {
+                        Cut::Revoked
+                    } else {
+                        Cut::UpstreamBroke
+                    });
+                }
                 let tail = translate
                     .as_mut()
                     .map_or_else(Bytes::new, ResponseTranslator::finish);
@@ -511,6 +573,7 @@ pub async fn relay_response(
                 tracing::warn!(error = %e, "backend stream broke mid-response");
                 let why = format!("the backend stopped mid-response: {e}");
                 end_with_error(s, stream_dialect, chunked, &why).await;
+                outcome.cut = Some(Cut::UpstreamBroke);
                 return outcome;
             }
         }

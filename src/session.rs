@@ -45,6 +45,42 @@ pub struct Outcome {
     pub first_byte: Option<Instant>,
     /// Whether the client connection may carry another request.
     pub reusable: bool,
+    /// Why a response that had started did not reach its end, if it did not: its status line
+    /// said 200, but the audit must not.
+    pub cut: Option<Cut>,
+}
+
+/// Why a relayed response ended before its natural end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The peer it was for (or from) lost its approval mid-stream.
+    Revoked,
+    /// The backend or peer sending it broke off, or ended it with an error event.
+    UpstreamBroke,
+    /// The client went away before the end.
+    ClientLeft,
+}
+
+impl Cut {
+    /// The status that describes the request's real outcome in the audit log: 403 for a
+    /// revocation, 502 for a broken upstream, 499 (Nginx's "client closed request") for a
+    /// client that left.
+    pub fn audit_status(self) -> u16 {
+        match self {
+            Cut::Revoked => 403,
+            Cut::UpstreamBroke => 502,
+            Cut::ClientLeft => 499,
+        }
+    }
+
+    /// A short word for the audit line's `error` field.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Cut::Revoked => "revoked mid-response",
+            Cut::UpstreamBroke => "upstream broke mid-response",
+            Cut::ClientLeft => "client left mid-response",
+        }
+    }
 }
 
 impl Outcome {
@@ -55,6 +91,19 @@ impl Outcome {
             model: None,
             first_byte: Some(Instant::now()),
             reusable: written,
+            cut: None,
+        }
+    }
+
+    /// A request that got no response at all (nothing reached the client from it), for the
+    /// audit of a peer that timed out, refused or could not be reached.
+    pub fn failed(status: u16) -> Self {
+        Outcome {
+            status,
+            model: None,
+            first_byte: None,
+            reusable: false,
+            cut: None,
         }
     }
 }
@@ -79,6 +128,9 @@ pub struct App<H> {
     limits: ConnectionLimits,
     clients: ClientConnections,
     tls: Option<TlsAcceptor>,
+    /// Requests being handled now, across listeners: a node with none exits at once on
+    /// SIGTERM.
+    in_flight: Arc<crate::shutdown::InFlight>,
 }
 
 /// A server-side TLS configuration and the callbacks run at handshake time.
@@ -98,7 +150,14 @@ impl<H: Handler> App<H> {
             limits,
             clients,
             tls: None,
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Counts this listener's requests in `in_flight` (shared with the other listener).
+    pub fn counting(mut self, in_flight: Arc<crate::shutdown::InFlight>) -> Self {
+        self.in_flight = in_flight;
+        self
     }
 
     /// TLS connections: each is handshaken with `tls` within the handshake deadline.
@@ -184,7 +243,10 @@ impl<H: Handler> ServerApp for App<H> {
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
-            if !self.handler.handle(&mut session).await {
+            let in_flight = self.in_flight.enter();
+            let reusable = self.handler.handle(&mut session).await;
+            drop(in_flight);
+            if !reusable {
                 return None;
             }
             match session.finish().await {

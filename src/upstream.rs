@@ -58,6 +58,8 @@ pub struct Backend {
     pub config: BackendConfig,
     peer: HttpPeer,
     slots: Arc<Semaphore>,
+    /// Up, or down until a background probe finds it answering again.
+    pub health: crate::health::Health,
 }
 
 impl Backend {
@@ -71,6 +73,7 @@ impl Backend {
             config,
             peer,
             slots,
+            health: crate::health::Health::default(),
         }
     }
 

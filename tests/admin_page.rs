@@ -345,21 +345,9 @@ fn owner_approves_edits_and_revokes_a_peer_through_the_page() {
     );
 }
 
-/// The shipped Nginx location (conf/nginx-arknet.conf), prefix kept, pointed at `api`.
+/// The shipped Nginx snippets, included as their comments say, prefix kept, pointed at `api`.
 fn nginx_in_front(api: SocketAddr, listen: SocketAddr) -> Nginx {
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/conf/nginx-arknet.conf"
-    ))
-    .expect("conf/nginx-arknet.conf");
-    let (upstream, location) = shipped
-        .split_once("# Inside your server block:")
-        .expect("marker in shipped conf");
-    let upstream = upstream.replace("127.0.0.1:8910", &api.to_string());
-    Nginx::start(
-        &format!("{upstream}\nserver {{ listen {listen}; {location} }}\n"),
-        listen,
-    )
+    support::nginx::in_front_of_arknet(api, &[(listen, false)])
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! ArkNet as the upstream of a real nginx at `/arknet/`, with the prefix kept and stripped,
-//! using the location block shipped in `conf/nginx-arknet.conf`.
+//! using the snippets shipped in `conf/nginx-arknet-upstream.conf` (inside `http {}`) and
+//! `conf/nginx-arknet-location.conf` (inside `server {}`), included as their comments say.
 
 mod support;
 
@@ -12,28 +13,10 @@ use support::grid::{free_port, loopback_ip, BackendSpec, NodeProc, NodeSpec};
 use support::http;
 use support::nginx::Nginx;
 
-/// The shipped location block, pointed at `node`, served on `kept` (prefix kept) and on
-/// `stripped` (same block with `proxy_pass http://arknet/;`).
+/// The shipped snippets, pointed at `node`, served on `kept` (prefix kept) and on `stripped`
+/// (same location with `proxy_pass http://arknet/;`).
 fn nginx_in_front(node: SocketAddr, kept: SocketAddr, stripped: SocketAddr) -> Nginx {
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/conf/nginx-arknet.conf"
-    ))
-    .expect("conf/nginx-arknet.conf");
-    let (upstream, location) = shipped
-        .split_once("# Inside your server block:")
-        .expect("marker in shipped conf");
-    let upstream = upstream.replace("127.0.0.1:8910", &node.to_string());
-    let location_stripped =
-        location.replace("proxy_pass http://arknet;", "proxy_pass http://arknet/;");
-    assert_ne!(
-        location, location_stripped,
-        "the shipped block uses `proxy_pass http://arknet;`"
-    );
-    let body = format!(
-        "{upstream}\nserver {{ listen {kept}; {location} }}\nserver {{ listen {stripped}; {location_stripped} }}\n"
-    );
-    Nginx::start(&body, stripped)
+    support::nginx::in_front_of_arknet(node, &[(kept, false), (stripped, true)])
 }
 
 #[test]

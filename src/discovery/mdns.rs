@@ -58,11 +58,22 @@ pub struct MdnsDiscovery {
     pub client: Arc<MeshClient>,
     /// Where sightings go.
     pub peers: Arc<PeerTable>,
+    /// Set once the goodbye was sent at shutdown (or discovery never started), so the process
+    /// may exit without waiting for the grace period.
+    pub stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
 impl BackgroundService for MdnsDiscovery {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.run(shutdown).await;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl MdnsDiscovery {
+    async fn run(&self, mut shutdown: ShutdownWatch) {
         let daemon = match self.daemon() {
             Ok(d) => d,
             Err(e) => {
@@ -124,9 +135,7 @@ impl BackgroundService for MdnsDiscovery {
         }
         tracing::info!("mDNS discovery stopped; goodbye sent");
     }
-}
 
-impl MdnsDiscovery {
     fn daemon(&self) -> Result<ServiceDaemon, mdns_sd::Error> {
         let daemon = ServiceDaemon::new()?;
         if self.interfaces.is_empty() {
@@ -400,6 +409,24 @@ struct Records {
 }
 
 /// Names of the tunnel interfaces present now.
+/// The interfaces mDNS runs on for `configured` (`discovery.mdns_interfaces`): those named, or
+/// when none are, every interface but loopback and tunnels, as the system lists them now.
+pub fn effective_interfaces(configured: &[String]) -> Vec<String> {
+    if !configured.is_empty() {
+        return configured.to_vec();
+    }
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n != "lo" && !TUNNEL_PREFIXES.iter().any(|p| n.starts_with(p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 fn tunnel_interfaces() -> Vec<String> {
     interface_names()
         .into_iter()

@@ -3,7 +3,8 @@
 //! Reads SSE (`data: {...}`) and NDJSON lines, and plain JSON bodies, without holding the
 //! stream back: chunks are inspected after they have been forwarded. Counts come from the
 //! backend's own figures (`usage`, `prompt_eval_count`/`eval_count`); when a stream carries none,
-//! generated tokens are the number of content events.
+//! generated tokens are the number of content events, and prompt tokens are estimated from the
+//! request (about four characters a token) and marked as estimated.
 //!
 //! A peer's figures are only its claim: [`TokenMeter::finish_claimed`] bounds them by what was
 //! actually relayed (content events and body bytes) and by the size of the request we sent,
@@ -43,7 +44,26 @@ pub struct Tokens {
     pub source: TokenSource,
     /// A peer claimed counts that what it relayed cannot back; they were replaced.
     pub claim_refused: bool,
+    /// `prompt` is an estimate from the request text: the response carried no prompt count.
+    pub prompt_estimated: bool,
 }
+
+impl Tokens {
+    /// Fills a missing prompt count with `estimate`, marked as estimated.
+    fn or_estimated_prompt(mut self, estimate: Option<u64>) -> Self {
+        if self.prompt.is_none() && estimate.is_some() {
+            self.prompt = estimate;
+            self.prompt_estimated = true;
+        }
+        self
+    }
+}
+
+/// Characters per token assumed when a prompt's tokens must be estimated: the usual figure
+/// for English text with BPE tokenizers.
+const CHARS_PER_TOKEN: usize = 4;
+/// Longest error message kept from a stream's error event.
+const MAX_ERROR_LEN: usize = 200;
 
 /// Longest partial line kept between chunks; longer lines are not accounted.
 const MAX_PENDING: usize = 256 * 1024;
@@ -56,9 +76,27 @@ pub struct TokenMeter {
     generated: Option<u64>,
     content_events: u64,
     relayed_bytes: u64,
+    prompt_estimate: Option<u64>,
+    stream_error: Option<String>,
 }
 
 impl TokenMeter {
+    /// A meter for the response to `request_body`: should the response carry no prompt count
+    /// (an OpenAI stream without `include_usage`), the prompt is estimated from the request's
+    /// text.
+    pub fn for_request(request_body: &[u8]) -> Self {
+        TokenMeter {
+            prompt_estimate: estimate_prompt(request_body),
+            ..TokenMeter::default()
+        }
+    }
+
+    /// The message of an error event the stream carried (a peer or backend that broke off
+    /// mid-stream says so in the stream itself), if any.
+    pub fn stream_error(&self) -> Option<&str> {
+        self.stream_error.as_deref()
+    }
+
     /// Inspects the next piece of the response body.
     pub fn observe(&mut self, chunk: &[u8]) {
         self.relayed_bytes += chunk.len() as u64;
@@ -72,8 +110,23 @@ impl TokenMeter {
         }
     }
 
-    /// Our own backend's counts, once the body has ended.
+    /// Our own backend's counts, once the body has ended; a missing prompt count is estimated
+    /// from the request (see [`TokenMeter::for_request`]).
     pub fn finish(self) -> Tokens {
+        let estimate = self.prompt_estimate;
+        self.own_counts().or_estimated_prompt(estimate)
+    }
+
+    /// A peer's counts, once the body has ended, checked against what it relayed and the
+    /// `request_bytes` we sent it: a claim no output could produce is replaced by our count.
+    /// A missing prompt count is estimated from the request.
+    pub fn finish_claimed(self, request_bytes: usize) -> Tokens {
+        let estimate = self.prompt_estimate;
+        self.claimed_counts(request_bytes)
+            .or_estimated_prompt(estimate)
+    }
+
+    fn own_counts(self) -> Tokens {
         let (prompt, completion, reported) = self.counts();
         Tokens {
             prompt,
@@ -84,12 +137,11 @@ impl TokenMeter {
                 TokenSource::Counted
             },
             claim_refused: false,
+            prompt_estimated: false,
         }
     }
 
-    /// A peer's counts, once the body has ended, checked against what it relayed and the
-    /// `request_bytes` we sent it: a claim no output could produce is replaced by our count.
-    pub fn finish_claimed(self, request_bytes: usize) -> Tokens {
+    fn claimed_counts(self, request_bytes: usize) -> Tokens {
         let events = self.content_events;
         let relayed = self.relayed_bytes;
         let (prompt, completion, reported) = self.counts();
@@ -99,6 +151,7 @@ impl TokenMeter {
                 completion,
                 source: TokenSource::Counted,
                 claim_refused: false,
+                prompt_estimated: false,
             };
         }
         // Every generated token shows up as at least one byte of the body; a stream carries a
@@ -116,6 +169,7 @@ impl TokenMeter {
                 completion,
                 source: TokenSource::PeerClaim,
                 claim_refused: false,
+                prompt_estimated: false,
             };
         }
         Tokens {
@@ -123,6 +177,7 @@ impl TokenMeter {
             completion: (events > 0).then_some(events),
             source: TokenSource::Counted,
             claim_refused: true,
+            prompt_estimated: false,
         }
     }
 
@@ -142,6 +197,10 @@ impl TokenMeter {
         let text = text.trim();
         let json = text.strip_prefix("data:").map_or(text, str::trim_start);
         if json.is_empty() || json == "[DONE]" || !json.starts_with('{') {
+            return;
+        }
+        if json.starts_with("{\"error\"") {
+            self.error_event(json);
             return;
         }
         // Most events carry one token and no counts: count them without building a JSON tree
@@ -174,6 +233,44 @@ impl TokenMeter {
             self.content_events += 1;
         }
     }
+}
+
+impl TokenMeter {
+    /// Records an error event: OpenAI `{"error":{"message":..}}` or Ollama `{"error":".."}`.
+    fn error_event(&mut self, json: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(json) else {
+            return;
+        };
+        let message = v["error"]["message"]
+            .as_str()
+            .or_else(|| v["error"].as_str())
+            .unwrap_or("error event");
+        self.stream_error = Some(message.chars().take(MAX_ERROR_LEN).collect());
+    }
+}
+
+/// Estimated prompt tokens of a request body: the characters of its text (`messages` contents,
+/// `prompt`, `input`, `system`) divided by [`CHARS_PER_TOKEN`], rounded up; `None` when it is
+/// not JSON or has no text.
+fn estimate_prompt(body: &[u8]) -> Option<u64> {
+    fn text_len(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.chars().count(),
+            Value::Array(items) => items.iter().map(text_len).sum(),
+            // OpenAI content parts: {"type":"text","text":".."}.
+            Value::Object(o) => o.get("text").map_or(0, text_len),
+            _ => 0,
+        }
+    }
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let mut chars = 0;
+    for m in v["messages"].as_array().into_iter().flatten() {
+        chars += text_len(&m["content"]);
+    }
+    for key in ["prompt", "input", "system"] {
+        chars += v.get(key).map_or(0, text_len);
+    }
+    (chars > 0).then(|| chars.div_ceil(CHARS_PER_TOKEN) as u64)
 }
 
 /// Whether an event carries generated text: a non-empty `content`, `text` or `response` string.
@@ -241,6 +338,37 @@ mod tests {
         let mut m = TokenMeter::default();
         m.observe(b"{\"choices\":[{\"message\":{\"content\":\"hi\"}}],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2}}");
         assert_eq!(m.finish_claimed(500).source, TokenSource::PeerClaim);
+    }
+
+    #[test]
+    fn a_stream_without_usage_gets_an_estimated_prompt_marked_as_such() {
+        let body = br#"{"model":"m","stream":true,"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hello there"}]}]}"#;
+        let mut m = TokenMeter::for_request(body);
+        m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\ndata: [DONE]\n\n");
+        let t = m.finish();
+        // "be brief" + "hello there" = 19 characters: 5 tokens at four characters a token.
+        assert_eq!(t.prompt, Some(5));
+        assert!(t.prompt_estimated);
+        assert_eq!(t.completion, Some(1));
+    }
+
+    #[test]
+    fn a_reported_prompt_count_beats_the_estimate() {
+        let mut m = TokenMeter::for_request(br#"{"prompt":"a long long prompt"}"#);
+        m.observe(b"{\"response\":\"a\",\"done\":false}\n{\"done\":true,\"prompt_eval_count\":11,\"eval_count\":1}\n");
+        let t = m.finish();
+        assert_eq!((t.prompt, t.prompt_estimated), (Some(11), false));
+    }
+
+    #[test]
+    fn an_error_event_is_remembered_in_both_dialects() {
+        let mut m = TokenMeter::default();
+        m.observe(b"data: {\"error\":{\"message\":\"access to this node was revoked\",\"type\":\"api_error\",\"code\":\"backend_unreachable\"}}\n\n");
+        assert_eq!(m.stream_error(), Some("access to this node was revoked"));
+        let mut m = TokenMeter::default();
+        m.observe(b"{\"response\":\"a\"}\n{\"error\":\"the backend stopped\"}\n");
+        assert_eq!(m.stream_error(), Some("the backend stopped"));
+        assert_eq!(m.finish().completion, Some(1));
     }
 
     #[test]

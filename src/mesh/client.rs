@@ -19,7 +19,7 @@ use super::tls::{parse_identity_cert, MeshTls, MESH_SNI};
 use crate::discovery::jittered;
 use crate::identity::PublicKey;
 use crate::metrics::Metrics;
-use crate::peers::{PeerTable, Source};
+use crate::peers::{PeerStatus, PeerTable, Source};
 use crate::timefmt::now_rfc3339;
 use crate::upstream::{SendError, Upstream};
 use async_trait::async_trait;
@@ -399,6 +399,9 @@ impl MeshPoller {
             return;
         }
         let mut status = self.peers.status(&key);
+        if let Some(p) = self.peers.approvals().get(&key) {
+            log_hello_changes(&p.node_id, &status, result.as_ref().ok());
+        }
         match result {
             Ok(h) => {
                 status.reachable = true;
@@ -414,6 +417,30 @@ impl MeshPoller {
             }
         }
         self.peers.set_status(key, status);
+    }
+}
+
+/// INFO event lines for what a hello changed about a peer's view of us: it approved us (or no
+/// longer does), it shares a model with us or withdrew one.
+fn log_hello_changes(node_id: &str, before: &PeerStatus, hello: Option<&Hello>) {
+    let Some(h) = hello else {
+        return;
+    };
+    let approved_before = before.reachable && before.error.is_none();
+    if h.approved_us && !approved_before {
+        tracing::info!(node_id, "peer approved us");
+    } else if !h.approved_us && approved_before {
+        tracing::info!(node_id, "peer no longer approves us");
+    }
+    let names = |models: &[super::protocol::SharedModel]| -> Vec<String> {
+        models.iter().map(|m| m.name.clone()).collect()
+    };
+    let (was, now) = (names(&before.models), names(&h.models));
+    for m in now.iter().filter(|m| !was.contains(m)) {
+        tracing::info!(node_id, model = %m, "peer shares a model with us");
+    }
+    for m in was.iter().filter(|m| !now.contains(m)) {
+        tracing::info!(node_id, model = %m, "peer withdrew a model from us");
     }
 }
 

@@ -84,18 +84,43 @@ impl BackendSpec {
 pub struct NodeSpec {
     pub backends: Vec<BackendSpec>,
     pub extra_toml: String,
+    /// TOML placed in the `[upstream]` table.
+    pub upstream_toml: String,
+    /// `mesh.hello_interval_secs` (default 1).
+    pub hello_interval_secs: Option<u64>,
+    /// `api.shutdown_grace_secs` (default 0: tests stop nodes at once).
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 impl NodeSpec {
     pub fn with_backend(backend: BackendSpec) -> Self {
         NodeSpec {
             backends: vec![backend],
-            extra_toml: String::new(),
+            ..NodeSpec::default()
         }
     }
 
     pub fn backend(mut self, backend: BackendSpec) -> Self {
         self.backends.push(backend);
+        self
+    }
+
+    /// TOML placed in the `[upstream]` table (e.g. `first_byte_timeout_secs = 1`).
+    pub fn upstream(mut self, toml: &str) -> Self {
+        self.upstream_toml.push_str(toml);
+        self.upstream_toml.push('\n');
+        self
+    }
+
+    /// Seconds in-flight requests get after SIGTERM.
+    pub fn shutdown_grace(mut self, secs: u64) -> Self {
+        self.shutdown_grace_secs = Some(secs);
+        self
+    }
+
+    /// Seconds between hellos to approved peers.
+    pub fn hello_interval(mut self, secs: u64) -> Self {
+        self.hello_interval_secs = Some(secs);
         self
     }
 
@@ -121,6 +146,14 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts a node for `spec` and waits (bounded) until `/health` answers.
     pub fn start(spec: &NodeSpec) -> NodeProc {
+        let mut node = NodeProc::launch(spec);
+        node.wait_ready();
+        node
+    }
+
+    /// Starts a node for `spec` without waiting for it, for tests that race something against
+    /// its start; [`NodeProc::wait_ready`] waits.
+    pub fn launch(spec: &NodeSpec) -> NodeProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let ip = loopback_ip();
         let api = SocketAddr::from((ip, free_port(ip)));
@@ -138,11 +171,16 @@ impl NodeProc {
             child: None,
             _dir: dir,
         };
-        node.spawn();
+        node.spawn_process();
         node
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -159,10 +197,10 @@ impl NodeProc {
             .spawn()
             .expect("spawn arknet");
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    fn wait_ready(&mut self) {
+    /// Bounded poll until `/health` answers; panics with the log if the process exits first.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self
@@ -201,6 +239,15 @@ impl NodeProc {
         self.child
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends SIGTERM to the process (by its PID), as a service manager stops it.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}", self.pid());
     }
 
     /// Ends the process by its PID (SIGKILL) and reaps it.
@@ -297,9 +344,12 @@ impl Grid {
 
 fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &Path) -> String {
     let mut toml = format!(
-        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = 0\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = 1\nhandshake_timeout_secs = 3\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n",
+        "data_dir = {:?}\nlog_level = \"info\"\n\n[api]\nlisten = \"{api}\"\nthreads = 2\nshutdown_grace_secs = {}\n{}\n[mesh]\nlisten = \"{mesh}\"\nhello_interval_secs = {}\nhandshake_timeout_secs = 3\n\n[upstream]\nconnect_timeout_ms = 500\nmodels_refresh_secs = 1\n{}",
         data_dir.display().to_string(),
-        spec.extra_toml
+        spec.shutdown_grace_secs.unwrap_or(0),
+        spec.extra_toml,
+        spec.hello_interval_secs.unwrap_or(1),
+        spec.upstream_toml,
     );
     for b in &spec.backends {
         toml.push_str(&format!(
@@ -328,13 +378,22 @@ pub struct Ark {
 impl Ark {
     /// A fake backend with `config` on a fresh loopback address, and a node in front of it.
     pub fn start(config: super::fake_backend::FakeConfig, max_concurrent: usize) -> Ark {
+        Ark::start_with(config, max_concurrent, |spec| spec)
+    }
+
+    /// [`Ark::start`], with the node's spec adjusted by `spec` (timeouts, hello interval).
+    pub fn start_with(
+        config: super::fake_backend::FakeConfig,
+        max_concurrent: usize,
+        spec: impl FnOnce(NodeSpec) -> NodeSpec,
+    ) -> Ark {
         let backend = super::fake_backend::FakeBackend::start_in_thread(
             std::net::IpAddr::V4(loopback_ip()),
             config,
         );
-        let node = NodeProc::start(&NodeSpec::with_backend(
+        let node = NodeProc::start(&spec(NodeSpec::with_backend(
             BackendSpec::ollama(backend.url()).max_concurrent(max_concurrent),
-        ));
+        )));
         Ark { backend, node }
     }
 }

@@ -8,9 +8,69 @@ use std::time::Duration;
 
 pub const NGINX: &str = "/usr/sbin/nginx";
 
+/// The shipped snippet for inside `http { }`: the `arknet` upstream.
+pub const UPSTREAM_SNIPPET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/conf/nginx-arknet-upstream.conf"
+);
+/// The shipped snippet for inside `server { }`: the `/arknet/` location.
+pub const LOCATION_SNIPPET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/conf/nginx-arknet-location.conf"
+);
+
 pub struct Nginx {
     child: Child,
     dir: tempfile::TempDir,
+    /// Edited copies of the shipped snippets, kept while nginx runs.
+    _snippets: Option<tempfile::TempDir>,
+}
+
+/// nginx in front of the ArkNet API at `api`, set up as the shipped snippets' comments say:
+/// the upstream file `include`d inside `http { }`, the location file `include`d inside each
+/// `server { }`, one server per `(listen, strip_prefix)`. The only edits to the shipped files
+/// are the upstream address and, for a stripping server, `proxy_pass http://arknet/;`.
+pub fn in_front_of_arknet(api: SocketAddr, servers: &[(SocketAddr, bool)]) -> Nginx {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let (upstream, location) = (read(UPSTREAM_SNIPPET), read(LOCATION_SNIPPET));
+    assert!(
+        upstream.contains("inside the `http { ... }` block"),
+        "the upstream snippet says where it goes"
+    );
+    assert!(
+        location.contains("inside your\n# `server { ... }` block"),
+        "the location snippet says where it goes"
+    );
+    let snippets = tempfile::tempdir().expect("tempdir");
+    let upstream_copy = snippets.path().join("nginx-arknet-upstream.conf");
+    let edited = upstream.replace("127.0.0.1:8910", &api.to_string());
+    assert_ne!(
+        edited, upstream,
+        "the shipped upstream points at 127.0.0.1:8910"
+    );
+    std::fs::write(&upstream_copy, edited).expect("write upstream copy");
+    let stripping_copy = snippets.path().join("nginx-arknet-location-stripped.conf");
+    let stripped = location.replace("proxy_pass http://arknet;", "proxy_pass http://arknet/;");
+    assert_ne!(
+        stripped, location,
+        "the shipped location uses `proxy_pass http://arknet;`"
+    );
+    std::fs::write(&stripping_copy, stripped).expect("write stripping copy");
+    let mut body = format!("include {};\n", upstream_copy.display());
+    for (listen, strip) in servers {
+        let include = if *strip {
+            stripping_copy.display().to_string()
+        } else {
+            LOCATION_SNIPPET.to_string()
+        };
+        body.push_str(&format!(
+            "server {{\n listen {listen};\n include {include};\n}}\n"
+        ));
+    }
+    let probe = servers.last().expect("at least one server").0;
+    let mut nginx = Nginx::start(&body, probe);
+    nginx._snippets = Some(snippets);
+    nginx
 }
 
 impl Nginx {
@@ -43,7 +103,11 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn nginx");
-        let mut nginx = Nginx { child, dir };
+        let mut nginx = Nginx {
+            child,
+            dir,
+            _snippets: None,
+        };
         super::grid::assert_eventually(Duration::from_secs(10), "nginx listening", || {
             if let Ok(Some(status)) = nginx.child.try_wait() {
                 panic!("nginx exited ({status}): {}", nginx.error_log());
