@@ -39,7 +39,7 @@ use crate::peers::reputation::{self, RequestOutcome, Standing};
 use crate::peers::PeerTable;
 use crate::relay::{relay_response, Attempt, LocalRelay, ModelRequest};
 use crate::routing::{self, PeerView};
-use crate::session::{reply_error, Outcome};
+use crate::session::{reply_error, Cut, Outcome};
 use crate::upstream::{SendError, Upstream};
 
 /// Peer answers that mean "not here, not now": try the next candidate.
@@ -298,8 +298,9 @@ impl Grid {
         self.judge(
             c,
             RequestOutcome {
-                // Answered and relayed to the end (a stream the peer broke is a failure).
-                ok: outcome.status < 500 && outcome.reusable,
+                // Answered and relayed to the end; a stream the peer broke is its failure, a
+                // client that left is not.
+                ok: outcome.status < 500 && outcome.cut.is_none_or(|c| c == Cut::ClientLeft),
                 ttfb_ms: ttfb.map(|t| t.as_secs_f64() * 1000.0),
                 tokens: tokens.completion,
                 generation_secs: ttfb.map_or(0.0, |t| (started.elapsed() - t).as_secs_f64()),
