@@ -37,7 +37,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::gateway::NodeInfo;
+use crate::identity::NodeInfo;
 use crate::identity::PublicKey;
 use crate::peers::store::{ApprovedPeer, Permissions};
 use crate::peers::{ChangeError, PeerTable, Selector};

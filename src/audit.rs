@@ -10,7 +10,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::gateway::meter::TokenSource;
+pub use crate::dialect::meter::TokenSource;
 
 /// File name inside the data dir.
 pub const FILE_NAME: &str = "audit.log";

@@ -20,24 +20,7 @@ use crate::metrics::Metrics;
 use crate::routing::model_matches;
 use crate::upstream::{Backend, Upstream};
 
-/// A model as one backend listed it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ListedModel {
-    /// The name clients use.
-    pub name: String,
-    /// The backend's own listing entry (Ollama `/api/tags` or OpenAI `/v1/models` shape).
-    pub entry: Value,
-}
-
-impl ListedModel {
-    /// A model known only by name.
-    pub fn named(name: &str) -> Self {
-        ListedModel {
-            name: name.to_string(),
-            entry: Value::Null,
-        }
-    }
-}
+pub use crate::routing::ListedModel;
 
 /// What is known about one backend's models.
 #[derive(Debug, Clone)]

@@ -20,11 +20,6 @@
 //! Pingora's listener, HTTP/1 and HTTP/2 sessions, connector and pool, and owns only the
 //! request/response relay.
 
-pub mod meter;
-pub mod request;
-pub mod sanitize;
-pub mod translate;
-
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,25 +31,16 @@ use serde_json::{json, Value};
 
 use crate::admin::trust::HostPolicy;
 use crate::admin::Admin;
+use crate::dialect::request::{classify, dialect_of, strip_prefix, Endpoint};
 use crate::error::{ApiError, Dialect};
 use crate::grid::Grid;
-use crate::identity::PublicKey;
+use crate::identity::NodeInfo;
 use crate::metrics::Metrics;
 use crate::relay::{LocalRelay, ModelRequest};
 use crate::session::{
     read_model_request, reply, reply_error, reply_json, reply_with, BodyLimits, Handler, Outcome,
 };
 use crate::upstream::Backend;
-use request::{classify, dialect_of, strip_prefix, Endpoint};
-
-/// Who this node is, for `/health` and hello.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    /// Node id.
-    pub node_id: String,
-    /// Public key.
-    pub public_key: PublicKey,
-}
 
 /// The API listener's request handler.
 pub struct Gateway {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! local backends (relay.rs, ranked) -> busy/failed -> peers (routing::rank_peers over the
-//! last hellos) -> pinned mTLS request with an allow-listed body (gateway/sanitize.rs)
+//! last hellos) -> pinned mTLS request with an allow-listed body (dialect/sanitize.rs)
 //!   -> connect/TLS failure, timeout to headers, 403/404/429/502/503/504 -> next peer
 //!   -> response relayed as it arrives; token counts audited (audit.rs)
 //! ```
@@ -26,10 +26,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditLog, AuditRecord, Direction};
 use crate::catalog::synthesized_entry;
+use crate::dialect::meter::{TokenMeter, Tokens};
+use crate::dialect::sanitize;
+use crate::dialect::translate;
 use crate::error::{ApiError, Dialect};
-use crate::gateway::meter::{TokenMeter, Tokens};
-use crate::gateway::sanitize;
-use crate::gateway::translate;
 use crate::identity::PublicKey;
 use crate::mesh::client::MeshClient;
 use crate::mesh::protocol::SharedModel;

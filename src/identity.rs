@@ -358,6 +358,15 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityErro
     })
 }
 
+/// Who this node is, for `/health` and hello.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Node id.
+    pub node_id: String,
+    /// Public key.
+    pub public_key: PublicKey,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,11 +26,11 @@ use async_trait::async_trait;
 use pingora::protocols::http::ServerSession;
 
 use crate::audit::{AuditLog, Direction};
+use crate::dialect::meter::TokenMeter;
+use crate::dialect::request::{classify, dialect_of, Endpoint};
 use crate::error::{ApiError, Dialect};
-use crate::gateway::meter::TokenMeter;
-use crate::gateway::request::{classify, dialect_of, Endpoint};
-use crate::gateway::NodeInfo;
 use crate::grid::record_peer_request;
+use crate::identity::NodeInfo;
 use crate::metrics::Metrics;
 use crate::peers::store::ApprovedPeer;
 use crate::peers::{PeerTable, Source};
@@ -264,7 +264,7 @@ impl Mesh {
             prompt_tokens: None,
             prompt_tokens_estimated: false,
             completion_tokens: None,
-            token_source: crate::gateway::meter::TokenSource::Counted,
+            token_source: crate::dialect::meter::TokenSource::Counted,
             claim_refused: false,
             ttft_ms: None,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,

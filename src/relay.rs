@@ -12,9 +12,9 @@ use pingora::protocols::http::ServerSession;
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Snapshot};
+use crate::dialect::meter::TokenMeter;
+use crate::dialect::translate::{self, ResponseTranslator};
 use crate::error::{ApiError, Dialect};
-use crate::gateway::meter::TokenMeter;
-use crate::gateway::translate::{self, ResponseTranslator};
 use crate::health::WarnLimiter;
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};

@@ -4,10 +4,29 @@
 //! counts, calls [`rank`], then tries the candidates in order. Taking a slot happens after
 //! ranking (it is the only racy part), so a full backend is skipped at that point.
 
-use crate::catalog::ListedModel;
 use crate::config::BackendKind;
 use crate::error::Dialect;
+use serde_json::Value;
 use std::cmp::Reverse;
+
+/// A model as one backend listed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedModel {
+    /// The name clients use.
+    pub name: String,
+    /// The backend's own listing entry (Ollama `/api/tags` or OpenAI `/v1/models` shape).
+    pub entry: Value,
+}
+
+impl ListedModel {
+    /// A model known only by name.
+    pub fn named(name: &str) -> Self {
+        ListedModel {
+            name: name.to_string(),
+            entry: Value::Null,
+        }
+    }
+}
 
 /// What routing needs to know about one backend.
 #[derive(Debug, Clone, Copy)]

@@ -512,7 +512,7 @@ pub async fn read_model_request(
     dialect: Dialect,
 ) -> Result<(Body, String), Outcome> {
     let body = read_body_or_reply(s, limits, dialect).await?;
-    match crate::gateway::request::model_of(&body.bytes) {
+    match crate::dialect::request::model_of(&body.bytes) {
         Ok(model) => Ok((body, model)),
         Err(e) => Err(reply_error(s, dialect, &e).await),
     }
