@@ -38,9 +38,7 @@ fn a_chat_over_64_kib_reaches_the_backend_whole_locally_and_through_a_peer() {
     assert_eq!(rsp.status, 200, "{}", rsp.text());
     let got = us
         .backend
-        .requests()
-        .into_iter()
-        .find(|r| r.path == "/api/chat")
+        .request_to("/api/chat")
         .expect("the local backend got the chat");
     assert_eq!(got.body.len(), bytes.len());
     assert!(
@@ -53,9 +51,7 @@ fn a_chat_over_64_kib_reaches_the_backend_whole_locally_and_through_a_peer() {
     assert_eq!(rsp.status, 200, "{}", rsp.text());
     let got = peer
         .backend
-        .requests()
-        .into_iter()
-        .find(|r| r.path == "/api/chat")
+        .request_to("/api/chat")
         .expect("the peer's backend got the chat");
     // Through a peer the body is rebuilt from the allow-list: the same JSON, every message.
     let received: Value = serde_json::from_slice(&got.body).expect("JSON");

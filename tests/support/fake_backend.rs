@@ -280,6 +280,15 @@ impl FakeBackend {
         self.shared.recorded().clone()
     }
 
+    /// The first recorded request to `path`, if any.
+    pub fn request_to(&self, path: &str) -> Option<Recorded> {
+        self.shared
+            .recorded()
+            .iter()
+            .find(|r| r.path == path)
+            .cloned()
+    }
+
     /// Inference requests currently being answered (a streamed one until its body ends).
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
