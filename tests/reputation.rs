@@ -29,7 +29,8 @@ fn reputation_of(us: &Ark, peer: &Ark) -> Value {
 #[test]
 fn flaky_and_slow_peers_lose_traffic_to_a_healthy_one_and_the_node_remembers() {
     // The flaky peer has the model loaded (hot), the others not: by the hellos alone it would
-    // be tried first. The slow one is otherwise the healthy one's equal.
+    // be tried first. The slow one is otherwise the healthy one's equal; which of the two is
+    // tried first depends on their hello round trips.
     let healthy = Ark::start(FakeConfig::ollama(&[MODEL]).loaded(&[]), 8);
     let flaky = Ark::start(FakeConfig::ollama(&[MODEL]).fail_every(2), 8);
     let slow = Ark::start(
@@ -76,10 +77,14 @@ fn flaky_and_slow_peers_lose_traffic_to_a_healthy_one_and_the_node_remembers() {
         rep_flaky["success_rate"].as_f64() < rep_healthy["success_rate"].as_f64(),
         "{rep_flaky} {rep_healthy}"
     );
-    assert!(
-        rep_slow["ttfb_ewma_ms"].as_f64() > Some(200.0),
-        "{rep_slow}"
-    );
+    // Whether the slow peer was tried at all depends on the hello round trips; when it was,
+    // its measured time to first byte is what pushed it behind.
+    if s > 0 {
+        assert!(
+            rep_slow["ttfb_ewma_ms"].as_f64() > Some(200.0),
+            "{rep_slow}"
+        );
+    }
     assert!(
         rep_healthy["ttfb_ewma_ms"].as_f64() < Some(200.0),
         "{rep_healthy}"
