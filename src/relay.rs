@@ -1,46 +1,32 @@
 //! Serving a model request with this node's own backends: rank them, take a slot, send, and
-//! relay the response chunk by chunk. Used by the API listener for local clients and by the
-//! mesh listener for approved peers; it never sends anything to another node (no open relay).
+//! hand the answer to the streaming relay. Used by the API listener for local clients and by
+//! the mesh listener for approved peers; it never sends anything to another node (no open
+//! relay).
+//!
+//! One job per file: this one is the local-backend policy (ranking, slots, VRAM budget,
+//! backend health); [`stream`] relays an answer as it arrives (peers' answers too);
+//! [`headers`] is the header policy in both directions.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header;
-use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Snapshot};
 use crate::dialect::meter::TokenMeter;
-use crate::dialect::translate::{self, ResponseTranslator};
+use crate::dialect::translate;
 use crate::error::{ApiError, Dialect};
 use crate::health::WarnLimiter;
 use crate::metrics::Metrics;
 use crate::routing::{self, BackendView, NoRoute};
-use crate::session::{reply_error, Cut, Outcome};
-use crate::upstream::{Backend, SendError, Upstream, UpstreamResponse};
+use crate::session::{reply_error, Outcome};
+use crate::upstream::{Backend, SendError, Upstream};
 
 /// A miss in the catalog triggers a refresh unless the last one is younger than this: a model
 /// pulled a moment ago should work at once, a flood of unknown names must not hammer backends.
 const MISS_REFRESH_MIN_AGE: Duration = Duration::from_secs(2);
-
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1), plus the ones
-/// this hop recomputes.
-const NOT_FORWARDED: [&str; 12] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "expect",
-];
 
 /// The last event of a stream cut because its peer was revoked; the requesting node reads it
 /// to audit the request as refused rather than served.
@@ -482,291 +468,12 @@ impl LocalRelay {
     }
 }
 
-/// Relays a backend (or peer) response to the client as it arrives, until it ends, the client
-/// leaves, the backend breaks, or `stop` flips.
-pub async fn relay_response(
-    upstream: &Upstream,
-    s: &mut ServerSession,
-    mut rsp: UpstreamResponse,
-    mut stop: Option<watch::Receiver<bool>>,
-    mut meter: Option<&mut TokenMeter>,
-    mut translate: Option<ResponseTranslator>,
-) -> Outcome {
-    let status = rsp.header().status.as_u16();
-    let mut header = downstream_response(rsp.header());
-    let stream_dialect = match translate.as_mut() {
-        Some(t) => {
-            t.upstream_status(status);
-            // The body changes length and shape: chunked, in the client's dialect.
-            header.remove_header(&header::CONTENT_LENGTH);
-            let _ = header.insert_header(header::CONTENT_TYPE, t.content_type());
-            let _ = header.insert_header(header::TRANSFER_ENCODING, "chunked");
-            Some(Dialect::Ollama)
-        }
-        None => stream_dialect(rsp.header()),
-    };
-    let chunked = !header.headers.contains_key(header::CONTENT_LENGTH);
-    let mut outcome = Outcome {
-        status,
-        model: None,
-        first_byte: None,
-        reusable: false,
-        cut: None,
-    };
-    if s.write_response_header(Box::new(header)).await.is_err() {
-        return outcome;
-    }
-    outcome.first_byte = Some(Instant::now());
-    // What a gathering pass read past its batch (the end, or an error), handled next.
-    let mut pending = None;
-    loop {
-        let next = tokio::select! {
-            next = async { match pending.take() { Some(p) => p, None => rsp.next_chunk().await } } => next,
-            () = stopped(&mut stop) => {
-                end_with_error(s, stream_dialect, chunked, REVOKED_MESSAGE).await;
-                outcome.cut = Some(Cut::Revoked);
-                return outcome;
-            }
-        };
-        match next {
-            Ok(Some(chunk)) => {
-                let chunk = gather(&mut rsp, chunk, &mut pending);
-                if let Some(m) = meter.as_deref_mut() {
-                    m.observe(&chunk);
-                }
-                let chunk = match translate.as_mut() {
-                    Some(t) => t.chunk(&chunk),
-                    None => chunk,
-                };
-                if s.write_response_body(chunk, false).await.is_err() {
-                    // The client left; dropping `rsp` closes the backend connection, which
-                    // makes the backend stop generating.
-                    tracing::debug!("client went away mid-response");
-                    outcome.cut = Some(Cut::ClientLeft);
-                    return outcome;
-                }
-            }
-            Ok(None) => {
-                // A peer that cut a stream ended it with an error event and a clean end: the
-                // event, not the framing, says how the request went. (An error *answer*, say a
-                // 400 with a JSON error body, is no cut: its status already tells.)
-                let streamed_ok = (200..300).contains(&status) && stream_dialect.is_some();
-                if let Some(error) = meter
-                    .as_deref()
-                    .filter(|_| streamed_ok)
-                    .and_then(TokenMeter::stream_error)
-                {
-                    outcome.cut = Some(if error.contains(REVOKED_MESSAGE) {
-                        Cut::Revoked
-                    } else {
-                        Cut::UpstreamBroke
-                    });
-                }
-                let tail = translate
-                    .as_mut()
-                    .map_or_else(Bytes::new, ResponseTranslator::finish);
-                outcome.reusable = s.write_response_body(tail, true).await.is_ok();
-                upstream.release(rsp).await;
-                return outcome;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "backend stream broke mid-response");
-                let why = format!("the backend stopped mid-response: {e}");
-                end_with_error(s, stream_dialect, chunked, &why).await;
-                outcome.cut = Some(Cut::UpstreamBroke);
-                return outcome;
-            }
-        }
-    }
-}
+pub mod headers;
+pub mod stream;
 
-/// Largest batch of already-arrived chunks written to the client in one go.
-const GATHER_LIMIT: usize = 64 * 1024;
-
-/// Appends to `first` whatever further chunks have already arrived, without waiting, so that a
-/// burst of small events costs one write to the client instead of one each (every body write
-/// is flushed). Stops at the limit, at the first chunk not yet here, or at the end or an error,
-/// which it leaves in `pending`.
-fn gather(
-    rsp: &mut UpstreamResponse,
-    first: Bytes,
-    pending: &mut Option<pingora::Result<Option<Bytes>>>,
-) -> Bytes {
-    let mut batch: Option<bytes::BytesMut> = None;
-    let mut len = first.len();
-    while len < GATHER_LIMIT {
-        match poll_now(rsp.next_chunk()) {
-            Some(Ok(Some(more))) => {
-                let b = batch.get_or_insert_with(|| bytes::BytesMut::from(&first[..]));
-                b.extend_from_slice(&more);
-                len = b.len();
-            }
-            Some(end_or_error) => {
-                *pending = Some(end_or_error);
-                break;
-            }
-            None => break,
-        }
-    }
-    batch.map_or(first, bytes::BytesMut::freeze)
-}
-
-/// Polls `f` once. Pingora's body reads keep their progress in the session, so dropping a read
-/// that is not ready loses nothing (its own proxy cancels them in `select!` the same way).
-fn poll_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match f.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
-}
-
-/// Resolves when `stop` flips to true; never when there is no stop signal.
-async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
-    match stop {
-        Some(rx) => {
-            if rx.wait_for(|s| *s).await.is_err() {
-                // The sender is gone with its peer entry: that is a stop too.
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Ends a response already under way: a last error event when it is a stream in a known
-/// dialect, then the end of the chunked body. Unframed bodies are just cut.
-async fn end_with_error(s: &mut ServerSession, dialect: Option<Dialect>, chunked: bool, why: &str) {
-    if let (Some(d), true) = (dialect, chunked) {
-        let event = ApiError::backend_unreachable(why).stream_event(d);
-        let _ = s.write_response_body(event, false).await;
-        let _ = s.write_response_body(Bytes::new(), true).await;
-    }
-}
-
-/// The request sent to a local backend: the client's headers minus hop-by-hop ones (or none,
-/// for peers), with the backend's `Host`, the exact body length and, when configured, the
-/// backend's API key.
-fn upstream_request(
-    client: &RequestHeader,
-    backend: &Backend,
-    req: &ModelRequest<'_>,
-    path: &str,
-    body_len: usize,
-) -> Result<RequestHeader, ApiError> {
-    let path_and_query = match client.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    let target = backend.upstream_path(&path_and_query);
-    // Our own header failed to build: our fault, not the client's.
-    let internal = |e: pingora::BError| ApiError::internal(format!("cannot forward: {e}"));
-    let mut h = RequestHeader::build(
-        client.method.clone(),
-        target.as_bytes(),
-        Some(client.headers.len() + 3),
-    )
-    .map_err(internal)?;
-    let api_key = backend.config.api_key.as_ref();
-    if req.forward_client_headers {
-        for (name, value) in client.headers.iter() {
-            // Identity encoding upstream: the relay may need to read the stream it forwards.
-            // The gateway is the trust boundary: a client's credentials (perhaps a real
-            // provider key) never travel further; the backend gets its configured key.
-            if NOT_FORWARDED.contains(&name.as_str())
-                || named_by_connection(client, name)
-                || name == header::ACCEPT_ENCODING
-                || name == header::AUTHORIZATION
-                || name == header::COOKIE
-            {
-                continue;
-            }
-            h.append_header(name.clone(), value.clone())
-                .map_err(internal)?;
-        }
-    } else {
-        h.insert_header(header::CONTENT_TYPE, "application/json")
-            .map_err(internal)?;
-    }
-    h.insert_header(header::HOST, backend.config.url.authority.as_str())
-        .map_err(internal)?;
-    h.insert_header(header::CONTENT_LENGTH, body_len.to_string())
-        .map_err(internal)?;
-    if let Some(key) = api_key {
-        h.insert_header(header::AUTHORIZATION, format!("Bearer {}", key.0))
-            .map_err(internal)?;
-    }
-    Ok(h)
-}
-
-/// Whether the client's `Connection` header names `name`: such headers are hop-by-hop too
-/// (RFC 9110 §7.6.1) and stop here, as in Pingora's own proxy.
-fn named_by_connection(client: &RequestHeader, name: &http::HeaderName) -> bool {
-    client
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-}
-
-/// The response header sent to the client, rebuilt from an allow-list (DESIGN §6 in the other
-/// direction): the status, the dialect's own content type, the framing (length or chunked),
-/// `Retry-After` on 429/503, and our own `no-store`/`nosniff`. Nothing else a backend or a peer
-/// sends (cookies, CORS grants, redirects, its `Server`) reaches a client that shares an origin
-/// with the admin page.
-pub fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
-    // A status outside the final range (an upgrade, an interim answer) is not a model answer.
-    let status = match up.status.as_u16() {
-        200..=599 => up.status,
-        _ => http::StatusCode::BAD_GATEWAY,
-    };
-    let mut h = ResponseHeader::build_no_case(status, Some(6))
-        .expect("invariant: a status in 200..=599 is valid");
-    let content_type = match stream_dialect(up) {
-        Some(Dialect::OpenAi) => "text/event-stream",
-        Some(Dialect::Ollama) => "application/x-ndjson",
-        None => "application/json",
-    };
-    let _ = h.insert_header(header::CONTENT_TYPE, content_type);
-    let length = up
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match length {
-        Some(n) => {
-            let _ = h.insert_header(header::CONTENT_LENGTH, n.to_string());
-        }
-        None => {
-            let _ = h.insert_header(header::TRANSFER_ENCODING, "chunked");
-        }
-    }
-    let retry_after = up
-        .headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u32>().ok());
-    if let (Some(secs), 429 | 503) = (retry_after, status.as_u16()) {
-        let _ = h.insert_header(header::RETRY_AFTER, secs.min(3600).to_string());
-    }
-    let _ = h.insert_header(header::CACHE_CONTROL, "no-store");
-    let _ = h.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    h
-}
-
-/// The stream framing of a response, if it is a stream: SSE or NDJSON.
-fn stream_dialect(h: &ResponseHeader) -> Option<Dialect> {
-    let ct = h.headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    if ct.starts_with("text/event-stream") {
-        Some(Dialect::OpenAi)
-    } else if ct.starts_with("application/x-ndjson") {
-        Some(Dialect::Ollama)
-    } else {
-        None
-    }
-}
+pub use headers::downstream_response;
+use headers::upstream_request;
+pub use stream::relay_response;
 
 #[cfg(test)]
 mod tests;

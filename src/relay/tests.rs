@@ -1,7 +1,8 @@
 //! In-process tests of the relay's header policy: what a backend or peer answers is rebuilt from
 //! an allow-list, and hop-by-hop headers stop here. No sockets.
 
-use super::*;
+use super::headers::*;
+use pingora::http::{RequestHeader, ResponseHeader};
 
 fn upstream(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
     let mut h = ResponseHeader::build(status, None).expect("header");
