@@ -67,7 +67,8 @@ impl Handler for Gateway {
         let endpoint = match self.hosts.allows(host) {
             true => classify(&s.req_header().method, &path),
             false => Err(ApiError::misdirected(host.unwrap_or_default())),
-        };
+        }
+        .and_then(|e| self.same_site_or_safe(s, e));
         let outcome = match endpoint {
             Err(e) => reply_error(s, dialect, &e).await,
             Ok(Endpoint::Admin) => self.admin.serve(s, &path).await,
@@ -121,6 +122,23 @@ impl Gateway {
             grid,
             admin,
             metrics,
+        }
+    }
+
+    /// A browser may only send requests with effects (any method but GET and HEAD) from the
+    /// node's own pages: another site's page cannot spend the owner's GPU with a no-CORS POST
+    /// any more than it can change approvals. Browser UIs on other origins could not read our
+    /// answers anyway (no CORS grants), so nothing legitimate is lost.
+    fn same_site_or_safe(&self, s: &ServerSession, e: Endpoint) -> Result<Endpoint, ApiError> {
+        let req = s.req_header();
+        if req.method == http::Method::GET || req.method == http::Method::HEAD {
+            return Ok(e);
+        }
+        match crate::admin::trust::cross_site(&req.headers, &self.hosts) {
+            Some(why) => Err(ApiError::not_owner(format!(
+                "refused: another site's page sent this request ({why})"
+            ))),
+            None => Ok(e),
         }
     }
 

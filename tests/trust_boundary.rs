@@ -667,3 +667,50 @@ fn headers_that_connection_names_stop_at_the_gateway() {
     assert!(!has("x-hop-secret"), "{:?}", got.headers);
     assert!(has("x-end-to-end"), "{:?}", got.headers);
 }
+
+#[test]
+fn another_sites_page_cannot_spend_the_gpu_either() {
+    let ark = Ark::start(FakeConfig::ollama(&["m"]), 4);
+    let body =
+        json!({"model": "m", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    for headers in [
+        &[
+            ("Content-Type", "text/plain"),
+            ("Sec-Fetch-Site", "cross-site"),
+        ][..],
+        &[
+            ("Content-Type", "text/plain"),
+            ("Origin", "http://evil.example"),
+        ][..],
+    ] {
+        let rsp = raw(&ark.node, "POST", "/api/chat", headers, &body);
+        assert_eq!(rsp.status, 403, "{headers:?}: {}", rsp.text());
+    }
+    assert!(
+        ark.backend.request_to("/api/chat").is_none(),
+        "the backend ran a cross-site request"
+    );
+    // Reads are harmless (a cross-site page cannot read the answer), and the node's own pages
+    // and plain clients are served.
+    let listing = raw(
+        &ark.node,
+        "GET",
+        "/api/tags",
+        &[("Sec-Fetch-Site", "cross-site")],
+        "",
+    );
+    assert_eq!(listing.status, 200);
+    let own = raw(
+        &ark.node,
+        "POST",
+        "/api/chat",
+        &[
+            ("Content-Type", "application/json"),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        &body,
+    );
+    assert_eq!(own.status, 200, "{}", own.text());
+    assert!(ark.backend.request_to("/api/chat").is_some());
+}
