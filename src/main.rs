@@ -450,7 +450,8 @@ fn peers(args: &ConfigArgs, api: Option<std::net::SocketAddr>, action: PeersActi
     }
 }
 
-/// One HTTP/1.1 request to the local admin API; returns status and body.
+/// One request to the admin API, through the same Pingora client the node uses for its
+/// backends; returns status and body.
 fn admin_call(
     addr: std::net::SocketAddr,
     method: &str,
@@ -458,35 +459,51 @@ fn admin_call(
     token: Option<&str>,
     body: Option<&serde_json::Value>,
 ) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
+    use std::time::Duration;
     // A node listening on the wildcard address is reached on loopback.
     let addr = if addr.ip().is_unspecified() {
         std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
         addr
     };
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let body = bytes::Bytes::from(body.map(|b| b.to_string()).unwrap_or_default());
+    let io = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let mut header = pingora::http::RequestHeader::build(method, path.as_bytes(), Some(4))
+        .map_err(|e| io(&e))?;
+    let mut headers = vec![
+        ("host", addr.to_string()),
+        ("content-type", "application/json".to_string()),
+        ("content-length", body.len().to_string()),
+    ];
     if let Some(t) = token {
-        head.push_str(&format!("Authorization: Bearer {}\r\n", t.trim()));
+        headers.push(("authorization", format!("Bearer {}", t.trim())));
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status in the answer"))?;
-    Ok((status, body.to_string()))
+    for (name, value) in headers {
+        header.insert_header(name, value).map_err(|e| io(&e))?;
+    }
+    let timeouts = arknet::config::UpstreamConfig {
+        connect_timeout: Duration::from_secs(5),
+        first_byte_timeout: Duration::from_secs(30),
+        idle_chunk_timeout: Duration::from_secs(30),
+        pool_idle: Duration::ZERO,
+        models_refresh: Duration::from_secs(1),
+    };
+    let mut peer = pingora::upstreams::peer::HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(timeouts.connect_timeout);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let upstream = arknet::upstream::Upstream::new(&timeouts);
+            let mut rsp = upstream
+                .send(&peer, &header, &body)
+                .await
+                .map_err(|e| io(&e))?;
+            let status = rsp.header().status.as_u16();
+            let mut out = Vec::new();
+            while let Some(chunk) = rsp.next_chunk().await.map_err(|e| io(&e))? {
+                out.extend_from_slice(&chunk);
+            }
+            Ok((status, String::from_utf8_lossy(&out).into_owned()))
+        })
 }
