@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::Spanned;
 
 /// Default API listener: loopback only, the owner's clients live on this machine.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8910";
@@ -150,9 +151,9 @@ impl fmt::Display for BackendUrl {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileConfig {
-    node_id: Option<String>,
+    node_id: Option<Spanned<String>>,
     data_dir: Option<PathBuf>,
-    log_level: String,
+    log_level: Spanned<String>,
     api: FileApi,
     mesh: FileMesh,
     discovery: FileDiscovery,
@@ -213,7 +214,7 @@ impl Default for FileConfig {
         FileConfig {
             node_id: None,
             data_dir: None,
-            log_level: DEFAULT_LOG_LEVEL.to_string(),
+            log_level: Spanned::new(0..0, DEFAULT_LOG_LEVEL.to_string()),
             api: FileApi::default(),
             mesh: FileMesh::default(),
             discovery: FileDiscovery::default(),
@@ -228,7 +229,7 @@ impl Default for FileConfig {
 struct FileApi {
     listen: SocketAddr,
     max_body_bytes: NonZeroUsize,
-    path_prefix: String,
+    path_prefix: Spanned<String>,
     threads: Option<NonZeroUsize>,
     shutdown_grace_secs: u64,
     admin_token_file: PathBuf,
@@ -246,7 +247,7 @@ impl Default for FileApi {
                 .parse()
                 .expect("default listen address is valid"),
             max_body_bytes: NonZeroUsize::new(DEFAULT_MAX_BODY_BYTES).expect("non-zero const"),
-            path_prefix: DEFAULT_PATH_PREFIX.to_string(),
+            path_prefix: Spanned::new(0..0, DEFAULT_PATH_PREFIX.to_string()),
             threads: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             admin_token_file: PathBuf::from(DEFAULT_ADMIN_TOKEN_FILE),
@@ -293,15 +294,15 @@ struct FileBackend {
     #[serde(default = "default_max_concurrent")]
     max_concurrent: NonZeroUsize,
     #[serde(default = "default_reserved_local_slots")]
-    reserved_local_slots: usize,
+    reserved_local_slots: Spanned<usize>,
     #[serde(default)]
     guest_vram_budget_mb: Option<u64>,
     #[serde(default)]
     model_vram_mb: std::collections::BTreeMap<String, u64>,
 }
 
-fn default_reserved_local_slots() -> usize {
-    DEFAULT_RESERVED_LOCAL_SLOTS
+fn default_reserved_local_slots() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_RESERVED_LOCAL_SLOTS)
 }
 
 fn default_max_concurrent() -> NonZeroUsize {
@@ -439,7 +440,13 @@ impl Config {
 
     /// Validates `text` as if read from `path` (which only labels errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        // serde_path_to_error names the key being read when an error strikes; toml gives the
+        // span (and so the line). A syntax error has no key yet: the table above names it.
+        let de = toml::Deserializer::parse(text).map_err(|e| parse_error(path, text, &e, None))?;
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = dotted(e.path());
+            parse_error(path, text, e.inner(), Some(key).filter(|k| !k.is_empty()))
+        })?;
         Self::from_file(file, path, text)
     }
 
@@ -453,27 +460,27 @@ impl Config {
             }
         };
         if let Some(id) = &file.node_id {
-            if !valid_node_id(id) {
+            if !valid_node_id(id.get_ref()) {
+                let id = id.get_ref();
                 return Err(invalid(
                     "node_id",
-                    find_key(text, "node_id"),
+                    file.node_id.as_ref().map(Spanned::span),
                     format!("`{id}`: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'"),
                 ));
             }
         }
-        if !file.api.path_prefix.is_empty()
-            && (!file.api.path_prefix.starts_with('/') || file.api.path_prefix.ends_with('/'))
-        {
+        let prefix = file.api.path_prefix.get_ref();
+        if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
             return Err(invalid(
                 "api.path_prefix",
-                find_key(text, "path_prefix"),
+                Some(file.api.path_prefix.span()),
                 "must start with '/' and not end with '/' (or be empty)".to_string(),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&file.log_level) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(file.log_level.get_ref()) {
             return Err(invalid(
                 "log_level",
-                find_key(text, "log_level"),
+                Some(file.log_level.span()),
                 e.to_string(),
             ));
         }
@@ -485,7 +492,7 @@ impl Config {
                     .expect("default backend URL is valid"),
                 api_key: None,
                 max_concurrent: default_max_concurrent(),
-                reserved_local_slots: DEFAULT_RESERVED_LOCAL_SLOTS,
+                reserved_local_slots: default_reserved_local_slots(),
                 guest_vram_budget_mb: None,
                 model_vram_mb: Default::default(),
             }]
@@ -502,10 +509,10 @@ impl Config {
                     format!("`{name}`: backend names must be non-empty and unique"),
                 ));
             }
-            if b.reserved_local_slots > b.max_concurrent.get() {
+            if *b.reserved_local_slots.get_ref() > b.max_concurrent.get() {
                 return Err(invalid(
                     "backends.reserved_local_slots",
-                    find_key(text, "reserved_local_slots"),
+                    Some(b.reserved_local_slots.span()),
                     format!(
                         "{} is more than max_concurrent ({})",
                         b.reserved_local_slots, b.max_concurrent
@@ -518,21 +525,21 @@ impl Config {
                 url: b.url,
                 api_key: b.api_key.filter(|k| !k.is_empty()).map(Redacted),
                 max_concurrent: b.max_concurrent.get(),
-                reserved_local_slots: b.reserved_local_slots,
+                reserved_local_slots: b.reserved_local_slots.into_inner(),
                 guest_vram_budget_mb: b.guest_vram_budget_mb,
                 model_vram_mb: b.model_vram_mb,
             });
         }
         let u = file.upstream;
         Ok(Config {
-            node_id: file.node_id,
+            node_id: file.node_id.map(Spanned::into_inner),
             data_dir: file
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            log_level: file.log_level,
+            log_level: file.log_level.into_inner(),
             api_listen: file.api.listen,
             max_body_bytes: file.api.max_body_bytes.get(),
-            path_prefix: file.api.path_prefix,
+            path_prefix: file.api.path_prefix.into_inner(),
             threads: file.api.threads.map(NonZeroUsize::get),
             shutdown_grace_secs: file.api.shutdown_grace_secs,
             admin_token_file: file.api.admin_token_file,
@@ -581,12 +588,11 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error, key: Option<String>) -> ConfigError {
     let span = e.span();
     let line = span.as_ref().map_or(0, |s| line_of(text, s.start));
-    let key = span
-        .as_ref()
-        .map(|s| key_at(text, s.clone()))
+    let key = key
+        .or_else(|| span.as_ref().map(|s| key_at(text, s.clone())))
         .unwrap_or_default();
     ConfigError::Invalid {
         path: path.to_path_buf(),
@@ -594,6 +600,18 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         key,
         message: e.message().trim().to_string(),
     }
+}
+
+/// A serde path as the dotted key a user edits: `backends[1].url` is `backends.url` in TOML.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|segment| match segment {
+            Segment::Map { key } | Segment::Enum { variant: key } => Some(key.as_str()),
+            Segment::Seq { .. } | Segment::Unknown => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -627,22 +645,6 @@ fn key_at(text: &str, span: std::ops::Range<usize>) -> String {
         Some(t) => t,
         None => leaf,
     }
-}
-
-/// Span of the first `key =` assignment in `text`, for errors found after parsing.
-fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix(key) {
-            if rest.trim_start().starts_with('=') {
-                let start = offset + (line.len() - trimmed.len());
-                return Some(start..start + key.len());
-            }
-        }
-        offset += line.len();
-    }
-    None
 }
 
 #[cfg(test)]
@@ -709,6 +711,15 @@ mod tests {
         assert_eq!((line, key.as_str()), (2, "node_id"));
         let (line, key, _) = invalid("[api]\npath_prefix = \"arknet/\"\n");
         assert_eq!((line, key.as_str()), (2, "api.path_prefix"));
+    }
+
+    #[test]
+    fn a_semantic_error_in_the_second_table_points_at_that_table() {
+        let ok = "[[backends]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\nreserved_local_slots = 1\n";
+        let bad = "[[backends]]\nname = \"b\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:2\"\nmax_concurrent = 2\nreserved_local_slots = 5\n";
+        let (line, key, message) = invalid(&format!("{ok}{bad}"));
+        assert_eq!((line, key.as_str()), (11, "backends.reserved_local_slots"));
+        assert!(message.contains("more than max_concurrent"), "{message}");
     }
 
     #[test]
