@@ -279,7 +279,16 @@ impl Grid {
         let status = rsp.header().status.as_u16();
         if FAILOVER_STATUSES.contains(&status) {
             // Unread body: dropping the response closes that connection instead of pooling it.
-            tracing::info!(peer = %c.node_id, status, "peer declined; trying the next candidate");
+            // One line per peer and status per window, with the count of those held back: a
+            // peer turning every request away must not flood the log.
+            if let Some(repeated) = self.warnings.check(&format!("{}:{status}", c.node_id)) {
+                tracing::info!(
+                    peer = %c.node_id,
+                    status,
+                    repeated,
+                    "peer declined; trying the next candidate"
+                );
+            }
             audit_failure(status, format!("peer answered {status}"));
             if status == 429 || status == 503 {
                 self.peers.note_busy(&c.key, req.model);

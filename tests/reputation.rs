@@ -142,4 +142,6 @@ fn a_peer_that_keeps_failing_is_ejected_and_left_alone_for_its_backoff() {
         "{rep}"
     );
     assert_eq!(rep["consecutive_failures"], 3, "{rep}");
+    let declined = us.node.log().matches("peer declined").count();
+    assert_eq!(declined, 1, "three refusals in a row are one log line");
 }
