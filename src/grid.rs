@@ -334,12 +334,15 @@ impl Grid {
     fn judge(&self, c: &PeerCandidate, outcome: RequestOutcome) {
         let peers = self.peers.approvals().file.peers.len();
         let now = reputation::unix_now();
-        let ejected = self
-            .peers
-            .reputations()
-            .request(&c.key, outcome, now, peers);
-        // Routing reads reputation from the peer snapshot: publish the change.
-        self.peers.reputation_changed();
+        let reputations = self.peers.reputations();
+        let before = reputations.routing_facts(&c.key);
+        let ejected = reputations.request(&c.key, outcome, now, peers);
+        // Routing reads reputation from the peer snapshot: republish when the ranking can see
+        // the change (ejection, a reliability step, a large TTFB move); the rest waits for the
+        // next hello, which republishes anyway.
+        if reputation::ranking_moved(before, reputations.routing_facts(&c.key)) {
+            self.peers.reputation_changed();
+        }
         if ejected {
             let record = self.peers.reputations().get(&c.key);
             tracing::warn!(

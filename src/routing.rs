@@ -114,6 +114,11 @@ pub struct PeerView {
 /// Steps in which reliability is compared: peers within one step are equally reliable, so
 /// that noise in the average does not reorder them.
 const RELIABILITY_STEPS: f64 = 20.0;
+/// Reliability as the ranking compares it: one of [`RELIABILITY_STEPS`] steps.
+pub fn reliability_step(reliability: f64) -> u8 {
+    (reliability.clamp(0.0, 1.0) * RELIABILITY_STEPS).round() as u8
+}
+
 /// Below this share of answered requests a peer is unreliable: it ranks after every reliable
 /// one, hot or not (a failed request costs more than loading a model).
 pub const RELIABLE: f64 = 0.9;
@@ -144,7 +149,7 @@ pub fn rank_peers(peers: &[PeerView]) -> Vec<usize> {
             let free = p.free_slots.saturating_sub(p.our_in_flight);
             let ratio = (free as u64 * 1_000_000) / p.grant as u64;
             let latency_us = (p.latency_ms.max(0.0) * 1000.0) as u64;
-            let reliability = (p.reliability.clamp(0.0, 1.0) * RELIABILITY_STEPS).round() as u8;
+            let reliability = reliability_step(p.reliability);
             (
                 free == 0,
                 p.probation,

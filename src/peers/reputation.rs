@@ -274,6 +274,24 @@ pub fn standing(ejected_until: Option<u64>, now: u64) -> Standing {
     }
 }
 
+/// What routing reads of a record: TTFB average (ms), reliability, ejected until.
+pub type RoutingFacts = (Option<f64>, f64, Option<u64>);
+
+/// Share by which the TTFB average must move before the ranking is worth republishing.
+const TTFB_MOVE: f64 = 0.2;
+
+/// Whether a record changed in a way the ranking can see: ejection, a reliability step, or the
+/// TTFB average moving by more than [`TTFB_MOVE`]. Smaller moves wait for the next hello's
+/// republish, so a steady peer does not cost a snapshot rebuild per request.
+pub fn ranking_moved(before: RoutingFacts, after: RoutingFacts) -> bool {
+    let step = crate::routing::reliability_step;
+    let ttfb_moved = match (before.0, after.0) {
+        (Some(b), Some(a)) => (a - b).abs() > b.abs() * TTFB_MOVE,
+        (b, a) => b.is_some() != a.is_some(),
+    };
+    before.2 != after.2 || step(before.1) != step(after.1) || ttfb_moved
+}
+
 /// Whether one more peer may be ejected when `ejected` of `peers` are already.
 pub fn may_eject(ejected: usize, peers: usize) -> bool {
     let cap = ((peers as f64) * MAX_EJECTED_SHARE).floor() as usize;
@@ -369,7 +387,7 @@ impl Reputations {
 
     /// What routing needs of `key`'s record (TTFB average, reliability, ejection), without
     /// copying its history.
-    pub fn routing_facts(&self, key: &PublicKey) -> (Option<f64>, f64, Option<u64>) {
+    pub fn routing_facts(&self, key: &PublicKey) -> RoutingFacts {
         self.lock().records.get(key).map_or((None, 1.0, None), |r| {
             (r.ttfb_ewma_ms, r.reliability(), r.ejected_until)
         })
@@ -518,6 +536,28 @@ mod tests {
         assert_eq!(s.success_rate, Some(1.0));
         r.request(failed(), NOW, true);
         assert!(r.reliability() < 1.0);
+    }
+
+    #[test]
+    fn only_changes_the_ranking_can_see_republish_the_snapshot() {
+        let steady = (Some(100.0), 1.0, None);
+        assert!(!ranking_moved(steady, (Some(110.0), 0.99, None)), "noise");
+        assert!(
+            ranking_moved(steady, (Some(130.0), 1.0, None)),
+            "TTFB moved by 30%"
+        );
+        assert!(
+            ranking_moved((None, 1.0, None), steady),
+            "first measurement"
+        );
+        assert!(
+            ranking_moved(steady, (Some(100.0), 0.8, None)),
+            "a reliability step"
+        );
+        assert!(
+            ranking_moved(steady, (Some(100.0), 1.0, Some(NOW))),
+            "ejected"
+        );
     }
 
     #[test]
