@@ -714,3 +714,35 @@ fn another_sites_page_cannot_spend_the_gpu_either() {
     assert_eq!(own.status, 200, "{}", own.text());
     assert!(ark.backend.request_to("/api/chat").is_some());
 }
+
+#[test]
+fn a_peer_announcing_another_protocol_version_is_refused_with_the_supported_ones() {
+    let a = NodeProc::start(&NodeSpec::default());
+    let b = NodeProc::start(&NodeSpec::default());
+    a.approve(&b, &[], 1);
+    let who = As::node(&b).expect("b's credentials");
+    for (version, want) in [("99", 400), ("x", 400), ("1", 200)] {
+        let out = Command::new("curl")
+            .args(["-sS", "-k", "--max-time", "20", "-w", "\n%{http_code}"])
+            .arg("--cert")
+            .arg(&who.chain)
+            .arg("--key")
+            .arg(&who.key)
+            .args(["-H", &format!("x-arknet-protocol: {version}")])
+            .arg(format!("https://{}/mesh/v1/hello", a.mesh))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        assert_eq!(
+            code.trim().parse::<u16>().ok(),
+            Some(want),
+            "version {version}: {body}"
+        );
+        if want == 400 {
+            let v: Value = serde_json::from_str(body).expect("JSON refusal");
+            assert_eq!(v["error"]["code"], "protocol_version", "{v}");
+            assert_eq!(v["supported"], json!([1]), "{v}");
+        }
+    }
+}
