@@ -6,21 +6,25 @@
 //! Readers get immutable [`Approvals`] snapshots; the mesh authorizes against a snapshot and
 //! never blocks on a writer. Discovery only reports sightings here; it never grants anything.
 
+pub mod hellos;
 pub mod reputation;
+pub mod runtime;
+pub mod sightings;
 pub mod snapshot;
 pub mod store;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 use crate::identity::PublicKey;
-use crate::timefmt::rfc3339;
+pub use hellos::PeerStatus;
+pub use runtime::PeerRuntime;
+pub use sightings::{PeerState, Sighting, Source};
 use snapshot::{PeerSnapshot, RoutingPeer};
 use store::{ApprovedPeer, ApprovedPeers, Permissions, StoreError};
 
@@ -35,111 +39,6 @@ impl Approvals {
     /// The approved peer holding `key`.
     pub fn get(&self, key: &PublicKey) -> Option<&ApprovedPeer> {
         self.file.by_key(key)
-    }
-}
-
-/// How a node was seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// It connected to our mesh listener.
-    Connect,
-    /// Configured or given on the command line / approve body.
-    Static,
-    /// mDNS on the LAN.
-    Mdns,
-    /// A WireGuard peer.
-    Wireguard,
-    /// The public registry.
-    Registry,
-}
-
-/// Where a peer stands with us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerState {
-    /// Seen, not approved.
-    Pending,
-    /// In `approved_peers.json`.
-    Approved,
-    /// Was approved, then revoked.
-    Revoked,
-}
-
-/// A node seen by some source.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sighting {
-    /// Its key (verified by TLS for `connect` and hello sightings).
-    pub public_key: String,
-    /// The node id it claimed.
-    pub node_id: Option<String>,
-    /// Where it was seen (`ip:port`).
-    pub endpoint: Option<String>,
-    /// How it was seen.
-    pub sources: Vec<Source>,
-    /// RFC 3339.
-    pub first_seen: String,
-    /// RFC 3339.
-    pub last_seen: String,
-    /// Pending, approved or revoked.
-    pub state: PeerState,
-    /// The WireGuard peer key it was found behind, when seen through a tunnel.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_key: Option<String>,
-}
-
-/// What the last hello to an approved peer found.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PeerStatus {
-    /// Answered the last hello.
-    pub reachable: bool,
-    /// RFC 3339 time of the last successful hello.
-    pub last_hello: Option<String>,
-    /// Round trip of the last hello, in milliseconds.
-    pub latency_ms: Option<f64>,
-    /// Models the peer shares with us, with its free slots for us.
-    pub models: Vec<crate::mesh::protocol::SharedModel>,
-    /// Requests the peer lets us have in flight there.
-    pub grant: u32,
-    /// Last error talking to it.
-    pub error: Option<String>,
-}
-
-/// Live state of one approved peer on this node: its concurrency grant and its revocation
-/// signal, which in-flight streams watch.
-pub struct PeerRuntime {
-    grant: u32,
-    slots: Arc<Semaphore>,
-    revoked: watch::Sender<bool>,
-}
-
-impl PeerRuntime {
-    fn new(grant: u32) -> Self {
-        PeerRuntime {
-            grant,
-            slots: Arc::new(Semaphore::new(grant as usize)),
-            revoked: watch::Sender::new(false),
-        }
-    }
-
-    /// One of the peer's concurrency slots, or `None` when it is at its grant.
-    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
-    }
-
-    /// Requests of this peer in flight here.
-    pub fn in_flight(&self) -> usize {
-        self.grant as usize - self.slots.available_permits()
-    }
-
-    /// The peer's grant.
-    pub fn grant(&self) -> u32 {
-        self.grant
-    }
-
-    /// Flips to `true` when the peer is revoked or its grant changes.
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
-        self.revoked.subscribe()
     }
 }
 
@@ -161,35 +60,33 @@ pub enum ChangeError {
     Conflict(String),
 }
 
-/// The table.
+/// The table: the approvals (owned here, with the file they come from) composed with the
+/// parts that have their own owners: sightings, runtimes, hello results and reputations. Each
+/// part locks alone; the routing snapshot is rebuilt from all of them when one changes.
 pub struct PeerTable {
     path: PathBuf,
     approvals: watch::Sender<Arc<Approvals>>,
     /// Serializes changes: read file, change, write, publish.
     change: tokio::sync::Mutex<()>,
-    inner: Mutex<Inner>,
+    /// The file on disk as last seen, and why it is not in force when it is not.
+    file: Mutex<FileWatch>,
+    /// Peers revoked since start, with when (RFC 3339), so that listings can say so.
+    revoked: Mutex<HashMap<PublicKey, String>>,
+    sightings: sightings::Sightings,
+    runtimes: runtime::Runtimes,
+    hellos: hellos::Hellos,
     reputations: reputation::Reputations,
     routing: ArcSwap<PeerSnapshot>,
 }
 
 #[derive(Default)]
-struct Inner {
-    file_error: Option<String>,
-    file_stamp: Option<FileStamp>,
-    sightings: HashMap<PublicKey, SightingEntry>,
-    runtime: HashMap<PublicKey, Arc<PeerRuntime>>,
-    revoked: HashMap<PublicKey, String>,
-    status: HashMap<PublicKey, PeerStatus>,
+struct FileWatch {
+    stamp: Option<FileStamp>,
+    error: Option<String>,
 }
 
-struct SightingEntry {
-    node_id: Option<String>,
-    wireguard_key: Option<String>,
-    endpoint: Option<String>,
-    sources: Vec<Source>,
-    first_seen: SystemTime,
-    last_seen: SystemTime,
-    last_seen_at: Instant,
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What identifies a version of the file on disk, to notice hand edits cheaply.
@@ -245,9 +142,6 @@ fn log_approval_changes(before: &ApprovedPeers, after: &ApprovedPeers) {
     }
 }
 
-/// Sightings not refreshed for this long are dropped (approved peers stay, as approvals).
-const SIGHTING_TTL: Duration = Duration::from_secs(600);
-
 impl PeerTable {
     /// Loads `<data_dir>/approved_peers.json`. A corrupt file does not stop the node: it starts
     /// with no approvals and reports the file (log, `/peers/status`, metric).
@@ -256,17 +150,17 @@ impl PeerTable {
         let table = PeerTable {
             approvals: watch::Sender::new(Arc::new(Approvals::default())),
             change: tokio::sync::Mutex::new(()),
-            inner: Mutex::new(Inner::default()),
+            file: Mutex::default(),
+            revoked: Mutex::default(),
+            sightings: sightings::Sightings::default(),
+            runtimes: runtime::Runtimes::default(),
+            hellos: hellos::Hellos::default(),
             reputations: reputation::Reputations::open(data_dir),
             routing: ArcSwap::from_pointee(PeerSnapshot::default()),
             path,
         };
         table.reload_if_changed();
         table
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The file's path.
@@ -281,29 +175,29 @@ impl PeerTable {
 
     /// Why the file on disk is not in force, if it is not.
     pub fn file_error(&self) -> Option<String> {
-        self.lock().file_error.clone()
+        locked(&self.file).error.clone()
     }
 
     /// Live state (slots, stop signal) of an approved peer.
     pub fn runtime(&self, key: &PublicKey) -> Option<Arc<PeerRuntime>> {
-        self.lock().runtime.get(key).cloned()
+        self.runtimes.get(key)
     }
 
     /// Re-reads the file when it changed on disk (hand edit). Returns whether approvals changed.
     pub fn reload_if_changed(&self) -> bool {
         let now = stamp(&self.path);
-        if self.lock().file_stamp == now && now.is_some() {
+        if locked(&self.file).stamp == now && now.is_some() {
             return false;
         }
         match ApprovedPeers::load(&self.path) {
             Ok(file) => {
                 let changed = file != self.approvals().file;
                 {
-                    let mut inner = self.lock();
-                    if inner.file_error.take().is_some() {
+                    let mut file = locked(&self.file);
+                    if file.error.take().is_some() {
                         tracing::info!(path = %self.path.display(), "approvals file is valid again");
                     }
-                    inner.file_stamp = now;
+                    file.stamp = now;
                 }
                 if changed {
                     self.publish(file);
@@ -311,12 +205,12 @@ impl PeerTable {
                 changed
             }
             Err(e) => {
-                let mut inner = self.lock();
-                if inner.file_stamp != now || inner.file_error.is_none() {
+                let mut file = locked(&self.file);
+                if file.stamp != now || file.error.is_none() {
                     tracing::error!(error = %e, "approvals file is corrupt; the last good approvals stay in force");
                 }
-                inner.file_error = Some(e.to_string());
-                inner.file_stamp = now;
+                file.error = Some(e.to_string());
+                file.stamp = now;
                 false
             }
         }
@@ -368,9 +262,7 @@ impl PeerTable {
                 Ok(file.peers.remove(i))
             })
             .await?;
-        self.lock()
-            .revoked
-            .insert(removed.public_key, crate::timefmt::now_rfc3339());
+        locked(&self.revoked).insert(removed.public_key, crate::timefmt::now_rfc3339());
         Ok(removed)
     }
 
@@ -402,11 +294,10 @@ impl PeerTable {
         let mut file = ApprovedPeers::load(&self.path).map_err(ChangeError::FileCorrupt)?;
         let out = f(&mut file)?;
         file.save(&self.path).map_err(ChangeError::Write)?;
-        {
-            let mut inner = self.lock();
-            inner.file_stamp = stamp(&self.path);
-            inner.file_error = None;
-        }
+        *locked(&self.file) = FileWatch {
+            stamp: stamp(&self.path),
+            error: None,
+        };
         self.publish(file);
         Ok(out)
     }
@@ -414,29 +305,13 @@ impl PeerTable {
     /// Installs new approvals: runtimes of removed peers or changed grants are stopped.
     fn publish(&self, file: ApprovedPeers) {
         log_approval_changes(&self.approvals().file, &file);
-        let mut inner = self.lock();
-        let mut runtime = HashMap::with_capacity(file.peers.len());
-        for p in &file.peers {
-            let grant = p.permissions.max_concurrent_requests;
-            let keep = inner
-                .runtime
-                .remove(&p.public_key)
-                .filter(|r| r.grant == grant && p.permissions.can_request_inference);
-            runtime.insert(
-                p.public_key,
-                keep.unwrap_or_else(|| Arc::new(PeerRuntime::new(grant))),
-            );
-            inner.revoked.remove(&p.public_key);
-        }
-        for (key, old) in inner.runtime.drain() {
-            // Revoked (or grant changed): in-flight streams of that peer end now.
-            old.revoked.send_replace(true);
-            if !file.peers.iter().any(|p| p.public_key == key) {
-                tracing::debug!(public_key = %key, "revoked peer's in-flight requests ended");
+        self.runtimes.rebuild(&file);
+        {
+            let mut revoked = locked(&self.revoked);
+            for p in &file.peers {
+                revoked.remove(&p.public_key);
             }
         }
-        inner.runtime = runtime;
-        drop(inner);
         self.approvals.send_replace(Arc::new(Approvals { file }));
         self.publish_routing();
     }
@@ -454,37 +329,38 @@ impl PeerTable {
     /// Rebuilds the routing snapshot from the approvals, hellos, sightings and reputations.
     fn publish_routing(&self) {
         let approvals = self.approvals();
-        let peers = {
-            let inner = self.lock();
-            approvals
-                .file
-                .peers
-                .iter()
-                .map(|p| {
-                    let status = inner.status.get(&p.public_key);
-                    let (ttfb_ewma_ms, reliability, ejected_until) =
-                        self.reputations.routing_facts(&p.public_key);
-                    let endpoint = p.endpoint.clone().or_else(|| {
-                        inner
-                            .sightings
-                            .get(&p.public_key)
-                            .and_then(|e| e.endpoint.clone())
-                    });
-                    RoutingPeer {
-                        key: p.public_key,
-                        node_id: p.node_id.clone(),
-                        addr: endpoint.and_then(|e| e.parse().ok()),
-                        reachable: status.is_some_and(|s| s.reachable),
-                        models: status.map(|s| s.models.clone()).unwrap_or_default(),
-                        grant: status.map_or(0, |s| s.grant),
-                        hello_latency_ms: status.and_then(|s| s.latency_ms),
-                        ttfb_ewma_ms,
-                        reliability,
-                        ejected_until,
-                    }
-                })
-                .collect()
-        };
+        let keys = approvals.file.peers.iter().map(|p| &p.public_key);
+        let hellos = self.hellos.each(keys, |_, status| {
+            status.map(|s| (s.reachable, s.models.clone(), s.grant, s.latency_ms))
+        });
+        let peers = approvals
+            .file
+            .peers
+            .iter()
+            .zip(hellos)
+            .map(|(p, hello)| {
+                let (reachable, models, grant, hello_latency_ms) =
+                    hello.unwrap_or((false, Vec::new(), 0, None));
+                let (ttfb_ewma_ms, reliability, ejected_until) =
+                    self.reputations.routing_facts(&p.public_key);
+                let endpoint = p
+                    .endpoint
+                    .clone()
+                    .or_else(|| self.sightings.endpoint(&p.public_key));
+                RoutingPeer {
+                    key: p.public_key,
+                    node_id: p.node_id.clone(),
+                    addr: endpoint.and_then(|e| e.parse().ok()),
+                    reachable,
+                    models,
+                    grant,
+                    hello_latency_ms,
+                    ttfb_ewma_ms,
+                    reliability,
+                    ejected_until,
+                }
+            })
+            .collect();
         self.routing.store(Arc::new(PeerSnapshot { peers }));
     }
 
@@ -496,11 +372,11 @@ impl PeerTable {
         node_id: Option<String>,
         endpoint: Option<String>,
     ) {
-        let now = SystemTime::now();
-        let approved = self.approvals().get(&key).is_some();
-        let mut inner = self.lock();
-        if !inner.sightings.contains_key(&key) {
-            let state = if approved {
+        let change = self
+            .sightings
+            .sighted(key, source, node_id.clone(), endpoint.clone());
+        if change.new {
+            let state = if self.approvals().get(&key).is_some() {
                 "approved"
             } else {
                 "pending approval"
@@ -514,86 +390,45 @@ impl PeerTable {
                 "node discovered"
             );
         }
-        let e = inner.sightings.entry(key).or_insert_with(|| SightingEntry {
-            node_id: None,
-            wireguard_key: None,
-            endpoint: None,
-            sources: Vec::new(),
-            first_seen: now,
-            last_seen: now,
-            last_seen_at: Instant::now(),
-        });
-        if node_id.is_some() {
-            e.node_id = node_id;
-        }
-        let moved = endpoint.is_some() && e.endpoint != endpoint;
-        if endpoint.is_some() {
-            e.endpoint = endpoint;
-        }
-        if !e.sources.contains(&source) {
-            e.sources.push(source);
-        }
-        e.last_seen = now;
-        e.last_seen_at = Instant::now();
-        drop(inner);
-        if moved {
+        if change.moved {
             self.publish_routing();
         }
     }
 
     /// `source` no longer sees `key` (an mDNS goodbye, a TTL expiry): the sighting drops that
-    /// source, and disappears when no discovery source is left (an approved peer stays listed through its
-    /// approval, and its hellos tell whether it is reachable).
+    /// source, and disappears when no discovery source is left (an approved peer stays listed
+    /// through its approval, and its hellos tell whether it is reachable).
     pub fn gone(&self, key: &PublicKey, source: Source) {
-        let mut inner = self.lock();
-        if let Some(e) = inner.sightings.get_mut(key) {
-            e.sources.retain(|s| *s != source);
-            // A past connect attempt says nothing about presence now: only another discovery
-            // source keeps the node listed.
-            if e.sources.iter().all(|s| *s == Source::Connect) {
-                inner.sightings.remove(key);
-            }
-        }
+        self.sightings.gone(key, source);
     }
 
     /// Records the WireGuard peer key `key` was found behind.
     pub fn set_wireguard_key(&self, key: &PublicKey, wg_key: &str) {
-        if let Some(e) = self.lock().sightings.get_mut(key) {
-            e.wireguard_key = Some(wg_key.to_string());
-        }
+        self.sightings.set_wireguard_key(key, wg_key);
     }
 
     /// Every node seen or approved, with its state.
     pub fn discovered(&self) -> Vec<Sighting> {
         let approvals = self.approvals();
-        let mut inner = self.lock();
-        inner
-            .sightings
-            .retain(|k, e| e.last_seen_at.elapsed() < SIGHTING_TTL || approvals.get(k).is_some());
-        let mut out: Vec<Sighting> = inner
-            .sightings
+        let seen = self.sightings.current(|k| approvals.get(k).is_some());
+        let revoked = locked(&self.revoked).clone();
+        let mut out: Vec<Sighting> = seen
             .iter()
             .map(|(key, e)| {
                 let approved = approvals.get(key);
-                Sighting {
-                    public_key: key.to_string(),
-                    node_id: approved
-                        .map(|p| p.node_id.clone())
-                        .or_else(|| e.node_id.clone()),
-                    endpoint: e
-                        .endpoint
-                        .clone()
-                        .or_else(|| approved.and_then(|p| p.endpoint.clone())),
-                    sources: e.sources.clone(),
-                    first_seen: rfc3339(e.first_seen),
-                    last_seen: rfc3339(e.last_seen),
-                    state: state_of(approved.is_some(), inner.revoked.contains_key(key)),
-                    wireguard_key: e.wireguard_key.clone(),
+                let mut s = e.listed(
+                    key,
+                    PeerState::of(approved.is_some(), revoked.contains_key(key)),
+                );
+                if let Some(p) = approved {
+                    s.node_id = Some(p.node_id.clone());
+                    s.endpoint = s.endpoint.or_else(|| p.endpoint.clone());
                 }
+                s
             })
             .collect();
         for p in &approvals.file.peers {
-            if !inner.sightings.contains_key(&p.public_key) {
+            if !seen.iter().any(|(k, _)| *k == p.public_key) {
                 out.push(Sighting {
                     public_key: p.public_key.to_string(),
                     node_id: Some(p.node_id.clone()),
@@ -626,7 +461,7 @@ impl PeerTable {
     pub fn set_status(&self, key: PublicKey, status: PeerStatus) {
         let now = reputation::unix_now();
         self.reputations.hello(&key, status.reachable, now);
-        self.lock().status.insert(key, status);
+        self.hellos.set(key, status);
         self.publish_routing();
         if let Err(e) = self.reputations.flush_if_due(now) {
             tracing::warn!(error = %e, "writing reputation.json failed");
@@ -641,38 +476,20 @@ impl PeerTable {
     /// A peer just turned a request for `model` away as busy: until its next hello says
     /// otherwise, rank it as having no free slot for that model.
     pub fn note_busy(&self, key: &PublicKey, model: &str) {
-        if let Some(status) = self.lock().status.get_mut(key) {
-            for m in &mut status.models {
-                if crate::routing::model_matches(&m.name, model) {
-                    m.free_slots = 0;
-                }
-            }
+        if self.hellos.note_busy(key, model) {
+            self.publish_routing();
         }
-        self.publish_routing();
     }
 
     /// What the last hello to `key` found.
     pub fn status(&self, key: &PublicKey) -> PeerStatus {
-        self.lock().status.get(key).cloned().unwrap_or_default()
+        self.hellos.get(key)
     }
 
     /// The endpoint to reach `key` at: approval first, then the latest sighting.
     pub fn endpoint_of(&self, key: &PublicKey) -> Option<String> {
         let approved = self.approvals().get(key).and_then(|p| p.endpoint.clone());
-        approved.or_else(|| {
-            self.lock()
-                .sightings
-                .get(key)
-                .and_then(|e| e.endpoint.clone())
-        })
-    }
-}
-
-fn state_of(approved: bool, revoked: bool) -> PeerState {
-    match (approved, revoked) {
-        (true, _) => PeerState::Approved,
-        (false, true) => PeerState::Revoked,
-        (false, false) => PeerState::Pending,
+        approved.or_else(|| self.sightings.endpoint(key))
     }
 }
 
@@ -804,7 +621,7 @@ mod tests {
         table.approve(peer("a", 1, 2)).await.expect("approve");
         let mut file = ApprovedPeers::load(table.path()).expect("load");
         file.peers.push(peer("hand", 3, 1));
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(10));
         std::fs::write(table.path(), serde_json::to_string(&file).expect("json")).expect("edit");
         assert!(table.reload_if_changed());
         assert!(table
