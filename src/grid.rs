@@ -76,6 +76,21 @@ struct PeerCandidate {
     translate: bool,
 }
 
+/// The entry for `key` in the outbound map, made (or remade for a new grant) as needed.
+fn outbound_entry<'a>(
+    map: &'a mut HashMap<PublicKey, Arc<Outbound>>,
+    key: &PublicKey,
+    grant: u32,
+) -> &'a Arc<Outbound> {
+    let entry = map
+        .entry(*key)
+        .or_insert_with(|| Arc::new(Outbound::new(grant)));
+    if entry.grant != grant {
+        *entry = Arc::new(Outbound::new(grant));
+    }
+    entry
+}
+
 impl Grid {
     /// Assembles the router.
     pub fn new(
@@ -126,7 +141,7 @@ impl Grid {
                 Ok(b) => b,
                 Err(e) => return reply_error(s, dialect, &e).await,
             };
-            for c in peers.iter().take(PEER_ATTEMPTS) {
+            for c in &peers {
                 if let Some(outcome) = tried.note(self.attempt_peer(s, c, &req, &body).await) {
                     return outcome;
                 }
@@ -139,7 +154,8 @@ impl Grid {
         reply_error(s, dialect, &tried.error(req.model)).await
     }
 
-    /// Approved, reachable peers whose last hello offered `model` in `dialect`, best first; and,
+    /// The best few ([`PEER_ATTEMPTS`]) approved, reachable peers whose last hello offered
+    /// `model` in `dialect`, best first; and,
     /// when some that offer it are ejected, the seconds until the first one is back.
     fn peer_candidates(
         &self,
@@ -151,8 +167,12 @@ impl Grid {
         let speaks = |m: &SharedModel, d: Dialect| m.speaks(d.as_str());
         let snapshot = self.peers.routing();
         let now = reputation::unix_now();
-        let mut candidates = Vec::new();
+        // Per request, for every peer: one view to rank and where it came from. Nothing per
+        // peer is cloned until it is among the few that will be tried.
+        let mut views = Vec::new();
+        let mut picks = Vec::new();
         let mut ejected_for = None;
+        let mut outbound = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
         for p in snapshot.peers.iter().filter(|p| p.reachable) {
             let Some(offer) = p.models.iter().find(|m| {
                 routing::model_matches(&m.name, model)
@@ -168,44 +188,42 @@ impl Grid {
                 ejected_for = Some(ejected_for.map_or(back_in, |e: u64| e.min(back_in)));
                 continue;
             }
-            let out = self.outbound(&p.key, p.grant);
-            candidates.push(PeerCandidate {
-                key: p.key,
-                node_id: p.node_id.clone(),
-                addr,
-                view: PeerView {
-                    free_slots: offer.free_slots,
-                    hot: offer.loaded,
-                    our_in_flight: out.grant as usize - out.slots.available_permits(),
-                    grant: out.grant as usize,
-                    // What requests took beats what a hello took, once there is any.
-                    latency_ms: p.ttfb_ewma_ms.or(p.hello_latency_ms).unwrap_or(f64::MAX),
-                    failures: out.failures.load(Ordering::Relaxed),
-                    reliability: p.reliability,
-                    probation: standing == Standing::Probation,
-                },
-                translate: !speaks(offer, dialect),
+            let out = outbound_entry(&mut outbound, &p.key, p.grant);
+            views.push(PeerView {
+                free_slots: offer.free_slots,
+                hot: offer.loaded,
+                our_in_flight: out.grant as usize - out.slots.available_permits(),
+                grant: out.grant as usize,
+                // What requests took beats what a hello took, once there is any.
+                latency_ms: p.ttfb_ewma_ms.or(p.hello_latency_ms).unwrap_or(f64::MAX),
+                failures: out.failures.load(Ordering::Relaxed),
+                reliability: p.reliability,
+                probation: standing == Standing::Probation,
             });
+            picks.push((p, addr, !speaks(offer, dialect)));
         }
-        let views: Vec<PeerView> = candidates.iter().map(|c| c.view).collect();
-        let order = routing::rank_peers(&views);
-        let mut slots: Vec<Option<PeerCandidate>> = candidates.into_iter().map(Some).collect();
-        let ranked = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        drop(outbound);
+        let ranked = routing::rank_peers(&views)
+            .take(PEER_ATTEMPTS)
+            .map(|i| {
+                let (p, addr, translate) = picks[i];
+                PeerCandidate {
+                    key: p.key,
+                    node_id: p.node_id.clone(),
+                    addr,
+                    view: views[i],
+                    translate,
+                }
+            })
+            .collect();
         (ranked, ejected_for)
     }
 
     /// Our concurrency bookkeeping for a peer, resized when its grant for us changes.
     fn outbound(&self, key: &PublicKey, grant: u32) -> Arc<Outbound> {
         let mut map = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = map
-            .entry(*key)
-            .or_insert_with(|| Arc::new(Outbound::new(grant)));
-        if entry.grant != grant {
-            *entry = Arc::new(Outbound::new(grant));
-        }
-        entry.clone()
+        outbound_entry(&mut map, key, grant).clone()
     }
-
     async fn attempt_peer(
         &self,
         s: &mut ServerSession,
@@ -512,3 +530,6 @@ pub fn record_peer_request(
         latency_ms: elapsed.as_secs_f64() * 1000.0,
     });
 }
+
+#[cfg(test)]
+mod tests;

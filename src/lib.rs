@@ -31,6 +31,8 @@ pub mod relay;
 pub mod routing;
 pub mod session;
 pub mod shutdown;
+#[cfg(test)]
+mod testkit;
 pub mod timefmt;
 pub mod upstream;
 

@@ -345,3 +345,6 @@ async fn reply_typed<T: serde::Serialize>(
         Err(e) => reply_error(s, Dialect::OpenAi, &ApiError::internal(e.to_string())).await,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -309,3 +309,6 @@ fn is_stale_connection(e: &Error) -> bool {
             | ErrorType::H1Error
     )
 }
+
+#[cfg(test)]
+mod tests;
