@@ -9,7 +9,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::catalog::Catalog;
 use crate::config::{BackendConfig, BackendKind, BackendUrl, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::relay::LocalRelay;
+use crate::upstream::{Backend, Upstream};
 
 /// The chat answer of [`answering_backend`].
 pub const ANSWER: &str =
@@ -115,4 +119,31 @@ pub async fn answer(
     let mut raw = String::new();
     client.read_to_string(&mut raw).await.expect("read answer");
     raw
+}
+
+/// The local side of a node over `backends`: its relay, the pooled client it uses and its
+/// metrics (the catalog starts with every model list unknown and never refreshes by itself).
+pub fn local_relay(backends: Vec<BackendConfig>) -> (Arc<LocalRelay>, Arc<Upstream>, Arc<Metrics>) {
+    let config = upstream_config();
+    let metrics = Arc::new(Metrics::new());
+    let upstream = Arc::new(Upstream::new(&config));
+    let backends: Arc<Vec<Backend>> = Arc::new(
+        backends
+            .into_iter()
+            .map(|b| Backend::new(b, &config))
+            .collect(),
+    );
+    let catalog = Arc::new(Catalog::new(
+        backends.clone(),
+        upstream.clone(),
+        metrics.clone(),
+        config.models_refresh,
+    ));
+    let relay = Arc::new(LocalRelay::new(
+        backends,
+        upstream.clone(),
+        catalog,
+        metrics.clone(),
+    ));
+    (relay, upstream, metrics)
 }

@@ -3,17 +3,15 @@
 //! loopback in the test's runtime. No child process, no root, no namespace.
 
 use super::*;
-use crate::catalog::Catalog;
 use crate::identity::Identity;
 use crate::mesh::protocol::SharedModel;
 use crate::mesh::tls::MeshTls;
 use crate::peers::store::{ApprovedPeer, Permissions};
 use crate::peers::PeerStatus;
 use crate::session::{read_model_request, BodyBudget, BodyLimits};
-use crate::upstream::Backend;
 use std::time::Duration;
 
-use crate::testkit::{answer, answering_backend, backend, session, upstream_config, ANSWER};
+use crate::testkit::{answer, answering_backend, backend, local_relay, session, ANSWER};
 
 struct Rig {
     grid: Grid,
@@ -25,30 +23,10 @@ struct Rig {
 /// model) and an empty peer table in a fresh data dir.
 fn rig(backends: Vec<crate::config::BackendConfig>) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = upstream_config();
     let identity = Identity::load_or_create(dir.path()).expect("identity");
     let leaf = identity.issue_tls_leaf().expect("leaf");
     let tls = Arc::new(MeshTls::new(&leaf, [127, 0, 0, 1].into()).expect("tls"));
-    let metrics = Arc::new(Metrics::new());
-    let upstream = Arc::new(Upstream::new(&config));
-    let backends: Arc<Vec<Backend>> = Arc::new(
-        backends
-            .into_iter()
-            .map(|b| Backend::new(b, &config))
-            .collect(),
-    );
-    let catalog = Arc::new(Catalog::new(
-        backends.clone(),
-        upstream.clone(),
-        metrics.clone(),
-        config.models_refresh,
-    ));
-    let relay = Arc::new(LocalRelay::new(
-        backends,
-        upstream.clone(),
-        catalog,
-        metrics.clone(),
-    ));
+    let (relay, upstream, metrics) = local_relay(backends);
     let client = Arc::new(MeshClient::new(
         tls,
         upstream.clone(),

@@ -4,11 +4,9 @@
 //! real mutual TLS are the multi-process tests' part: `tests/mesh_*.rs`.)
 
 use super::*;
-use crate::catalog::Catalog;
 use crate::identity::Identity;
 use crate::session::BodyBudget;
-use crate::testkit::{answer, answering_backend, backend, session, upstream_config};
-use crate::upstream::{Backend, Upstream};
+use crate::testkit::{answer, answering_backend, backend, local_relay, session};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Rig {
@@ -20,23 +18,8 @@ struct Rig {
 async fn rig() -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, backend_connections) = answering_backend().await;
-    let config = upstream_config();
     let identity = Identity::load_or_create(dir.path()).expect("identity");
-    let metrics = Arc::new(Metrics::new());
-    let upstream = Arc::new(Upstream::new(&config));
-    let backends = Arc::new(vec![Backend::new(backend(addr, 4), &config)]);
-    let catalog = Arc::new(Catalog::new(
-        backends.clone(),
-        upstream.clone(),
-        metrics.clone(),
-        config.models_refresh,
-    ));
-    let relay = Arc::new(LocalRelay::new(
-        backends,
-        upstream,
-        catalog,
-        metrics.clone(),
-    ));
+    let (relay, _, metrics) = local_relay(vec![backend(addr, 4)]);
     let mesh = Mesh::new(
         NodeInfo {
             node_id: "here".into(),
