@@ -115,7 +115,9 @@ pub struct PeerView {
 const RELIABILITY_STEPS: f64 = 20.0;
 /// Reliability as the ranking compares it: one of [`RELIABILITY_STEPS`] steps.
 pub fn reliability_step(reliability: f64) -> u8 {
-    (reliability.clamp(0.0, 1.0) * RELIABILITY_STEPS).round() as u8
+    // Adding a half and truncating rounds a non-negative value like `round()`, without the
+    // libm call `round()` is on x86-64 without SSE4.1 (this runs per peer per request).
+    (reliability.clamp(0.0, 1.0) * RELIABILITY_STEPS + 0.5) as u8
 }
 
 /// Below this share of answered requests a peer is unreliable: it ranks after every reliable
@@ -128,18 +130,31 @@ pub const RELIABLE: f64 = 0.9;
 /// unreliable ones, hot (model loaded) before cold, most free slots relative to the grant, more
 /// reliable, lower latency, fewer recent failures, then the order given.
 ///
-/// The order is produced lazily: a request tries a handful of peers, so only those are put in
-/// order (one linear pass each), and the rest is sorted only if the caller keeps asking.
+/// The order is produced lazily: a request tries a handful of peers, so the best few are
+/// picked while the keys are built (one pass), and the rest is sorted only if the caller keeps
+/// asking.
 pub fn rank_peers(peers: &[PeerView]) -> PeerRanking {
-    let keys = peers
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.grant > 0 && p.our_in_flight < p.grant)
-        .filter(|(_, p)| !(p.probation && p.our_in_flight > 0))
-        .map(|(i, p)| rank_key(i, p))
-        .collect();
+    let mut keys = Vec::with_capacity(peers.len());
+    let mut best = [u128::MAX; BEST];
+    for (i, p) in peers.iter().enumerate() {
+        if p.grant == 0 || p.our_in_flight >= p.grant || (p.probation && p.our_in_flight > 0) {
+            continue;
+        }
+        let key = rank_key(i, p);
+        keys.push(key);
+        if key < best[BEST - 1] {
+            // Insertion into a sorted array of four: most keys stop at the first comparison.
+            let mut at = BEST - 1;
+            while at > 0 && best[at - 1] > key {
+                best[at] = best[at - 1];
+                at -= 1;
+            }
+            best[at] = key;
+        }
+    }
     PeerRanking {
         keys,
+        best,
         next: 0,
         sorted: false,
     }
@@ -150,11 +165,13 @@ pub fn rank_peers(peers: &[PeerView]) -> PeerRanking {
 /// the given order). Comparing one `u128` instead of a tuple of nine is what lets a thousand
 /// peers be ranked in a few microseconds.
 fn rank_key(i: usize, p: &PeerView) -> u128 {
-    let free = p.free_slots.saturating_sub(p.our_in_flight);
-    // Parts per million of the grant that is free, at most 1,000,000 (< 2^20).
-    let ratio = ((free.min(p.grant) as u64 * 1_000_000) / p.grant.max(1) as u64) as u128;
+    let free = p.free_slots.saturating_sub(p.our_in_flight).min(p.grant);
+    // Parts per million of the grant that is free, at most 1,000,000 (< 2^20). A float
+    // division is several times cheaper than a 64-bit integer one, and exact here: the
+    // quotient of integers this small is never within rounding distance of the next integer.
+    let ratio = (free as f64 * 1_000_000.0 / p.grant as f64) as u128;
     // Microseconds, at most 2^32 - 1 (71 minutes: an unmeasured peer sorts last by latency).
-    let latency_us = (p.latency_ms.max(0.0) * 1000.0).min(u32::MAX as f64) as u128;
+    let latency_us = u128::from((p.latency_ms.max(0.0) * 1000.0) as u32);
     let flags = (u128::from(free == 0) << 3)
         | (u128::from(p.probation) << 2)
         | (u128::from(p.reliability < RELIABLE) << 1)
@@ -167,37 +184,38 @@ fn rank_key(i: usize, p: &PeerView) -> u128 {
         | (i as u128 & 0xffff_ffff)
 }
 
+/// Candidates picked in the building pass; a request tries at most this many peers.
+const BEST: usize = 4;
+
 /// Peers in ranked order (see [`rank_peers`]), as indices into the slice that was ranked.
 #[derive(Debug, Clone)]
 pub struct PeerRanking {
-    /// Rank keys; `keys[..next]` are handed out, in order.
+    /// Rank keys of every candidate, in no order until `sorted`.
     keys: Vec<u128>,
+    /// The smallest keys, in order (`u128::MAX` where there are fewer).
+    best: [u128; BEST],
+    /// Candidates handed out so far.
     next: usize,
-    /// `keys[next..]` is in order too.
     sorted: bool,
 }
-
-/// Candidates picked by a linear pass before the rest is sorted whole.
-const LINEAR_PICKS: usize = 4;
 
 impl Iterator for PeerRanking {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
-        let rest = self.keys.get_mut(self.next..)?;
-        if rest.is_empty() {
+        if self.next >= self.keys.len() {
             return None;
         }
-        if !self.sorted {
-            if self.next < LINEAR_PICKS {
-                let (best, _) = rest.iter().enumerate().min_by_key(|(_, k)| **k)?;
-                rest.swap(0, best);
-            } else {
-                rest.sort_unstable();
+        let key = if self.next < BEST {
+            self.best[self.next]
+        } else {
+            if !self.sorted {
+                // Keys are unique, so the sorted keys begin with the ones already handed out.
+                self.keys.sort_unstable();
                 self.sorted = true;
             }
-        }
-        let key = rest[0];
+            self.keys[self.next]
+        };
         self.next += 1;
         Some((key & 0xffff_ffff) as usize)
     }
