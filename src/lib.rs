@@ -27,6 +27,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod peers;
+pub mod registry;
 pub mod relay;
 pub mod routing;
 pub mod session;
