@@ -588,7 +588,12 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error, key: Option<String>) -> ConfigError {
+pub(crate) fn parse_error(
+    path: &Path,
+    text: &str,
+    e: &toml::de::Error,
+    key: Option<String>,
+) -> ConfigError {
     let span = e.span();
     let line = span.as_ref().map_or(0, |s| line_of(text, s.start));
     let key = key
@@ -603,7 +608,7 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error, key: Option<String>
 }
 
 /// A serde path as the dotted key a user edits: `backends[1].url` is `backends.url` in TOML.
-fn dotted(path: &serde_path_to_error::Path) -> String {
+pub(crate) fn dotted(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     path.iter()
         .filter_map(|segment| match segment {
@@ -614,7 +619,7 @@ fn dotted(path: &serde_path_to_error::Path) -> String {
         .join(".")
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 

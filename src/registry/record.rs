@@ -111,6 +111,10 @@ pub struct Stored {
     pub public_key: String,
     /// The stored record's sequence number.
     pub seq: u64,
+    /// The stored endpoint (empty for a deleted record's tombstone).
+    pub endpoint: String,
+    /// Whether the registry reached the stored endpoint.
+    pub reachable: bool,
 }
 
 /// Why a write was refused; each has a stable code and an HTTP status.
@@ -629,6 +633,8 @@ mod tests {
             node_id: "ark-test".into(),
             public_key: s.public_key().to_string(),
             seq: 4,
+            endpoint: "8.8.4.4:7443".into(),
+            reachable: true,
         };
         check(&public_record(&s).sign(&s), Some(&stored)).expect("seq above stored");
     }
@@ -668,6 +674,8 @@ mod tests {
             node_id: "ark-test".into(),
             public_key: s.public_key().to_string(),
             seq: 5,
+            endpoint: "8.8.4.4:7443".into(),
+            reachable: true,
         };
         let same = public_record(&s).sign(&s);
         let err = check(&same, Some(&stored)).expect_err("same seq");
@@ -850,6 +858,8 @@ mod tests {
             node_id: "ark-test".into(),
             public_key: s.public_key().to_string(),
             seq: 5,
+            endpoint: "8.8.4.4:7443".into(),
+            reachable: true,
         };
         let p = Policy::default();
         let ok = DeleteRequest::signed("ark-test", &s, 6, NOW);

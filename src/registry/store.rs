@@ -157,7 +157,7 @@ impl Store {
         node_id: &str,
     ) -> Result<(Option<Stored>, Option<String>), StoreError> {
         let rows = sqlx::query(
-            "SELECT node_id, public_key, seq FROM registry_records
+            "SELECT node_id, public_key, seq, endpoint, reachable, deleted FROM registry_records
              WHERE public_key = $1 OR node_id = $2",
         )
         .bind(public_key)
@@ -171,6 +171,8 @@ impl Store {
                 node_id: row.try_get(0)?,
                 public_key: row.try_get(1)?,
                 seq: as_u64(row.try_get(2)?),
+                endpoint: row.try_get(3)?,
+                reachable: row.try_get::<i64, _>(4)? != 0 && row.try_get::<i64, _>(5)? == 0,
             };
             if s.node_id == node_id {
                 owner = Some(s.public_key.clone());
@@ -253,7 +255,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
-            "UPDATE registry_records SET deleted = 1, seq = $2, expires = $3, models = ''
+            "UPDATE registry_records SET deleted = 1, seq = $2, expires = $3, models = '', endpoint = ''
              WHERE public_key = $1 AND seq < $2",
         )
         .bind(public_key)
