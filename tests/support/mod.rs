@@ -11,3 +11,4 @@ pub mod netns;
 pub mod nginx;
 pub mod process;
 pub mod python;
+pub mod registry;
