@@ -479,3 +479,211 @@ async fn records_expire_survive_restart_and_kill_9_loses_no_acknowledged_write()
         .expect("get");
     assert_eq!(kept.status, 200);
 }
+
+fn registry_table(reg: &RegistryProc, models: &[&str]) -> String {
+    format!(
+        "[discovery.registry]\nenabled = true\nurl = \"{}\"\nca_file = \"{}\"\nttl_secs = 60\n\
+         fetch_interval_secs = 1\nadvertise_models = {:?}\n",
+        reg.url,
+        reg.ca_file.display(),
+        models
+    )
+}
+
+fn registry_sighting(node: &support::grid::NodeProc, key: &str) -> Option<Value> {
+    node.get("/peers/discovered").json()["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| {
+            p["public_key"] == key
+                && p["sources"]
+                    .as_array()
+                    .is_some_and(|s| s.contains(&json!("registry")))
+        })
+        .cloned()
+}
+
+/// Approves what the registry made `node` discover (not what the test knows about the peer).
+fn approve_sighting(node: &support::grid::NodeProc, seen: &Value, models: &[&str]) {
+    let rsp = node.post(
+        "/peers/approve",
+        &json!({
+            "node_id": seen["node_id"],
+            "public_key": seen["public_key"],
+            "endpoint": seen["endpoint"],
+            "permissions": {"models_shared": models, "max_concurrent_requests": 2},
+        }),
+    );
+    assert_eq!(rsp.status, 200, "approve: {}", rsp.text());
+}
+
+#[test]
+fn two_nodes_find_each_other_only_through_the_registry_and_route_a_chat() {
+    use support::fake_backend::FakeConfig;
+    use support::grid::{assert_eventually, Ark};
+    let reg = RegistryProc::start("writes_per_address_per_minute = 0\n", None);
+    // mDNS is off (the harness default) and no static peers: the registry is the only way.
+    let a = Ark::start_with(FakeConfig::ollama(&["llama3.1:8b"]), 4, |s| {
+        s.table(&registry_table(&reg, &[]))
+    });
+    let mut b = Ark::start_with(FakeConfig::ollama(&["qwen3.5:35b"]), 4, |s| {
+        s.table(&registry_table(&reg, &["qwen3.5:35b"]))
+    });
+    let (a_key, b_key) = (a.node.public_key(), b.node.public_key());
+    let mut seen = (None, None);
+    assert_eventually(
+        Duration::from_secs(20),
+        "each finds the other via the registry",
+        || {
+            seen = (
+                registry_sighting(&a.node, &b_key),
+                registry_sighting(&b.node, &a_key),
+            );
+            seen.0.is_some() && seen.1.is_some()
+        },
+    );
+    let (b_seen, a_seen) = (seen.0.expect("b seen"), seen.1.expect("a seen"));
+    for s in [&b_seen, &a_seen] {
+        // `connect` may be there too: the other's registry-driven hello reached us first.
+        let sources = s["sources"].as_array().expect("sources");
+        assert!(
+            sources.iter().all(|x| x == "registry" || x == "connect"),
+            "{s}"
+        );
+        assert_eq!(s["state"], "pending", "found is not approved: {s}");
+    }
+    assert_eq!(b_seen["endpoint"], b.node.mesh.to_string());
+    // The registry reached each node over mutual TLS before listing it; the CLI says so.
+    let status = std::process::Command::new(support::grid::ARKNET)
+        .args(["registry", "status", "--config"])
+        .arg(&b.node.config_path)
+        .args(["--url", &reg.url, "--ca-file"])
+        .arg(&reg.ca_file)
+        .output()
+        .expect("registry status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("reachable from the registry: yes"), "{text}");
+    assert!(text.contains("models: qwen3.5:35b"), "{text}");
+    // Nobody can list a victim's address as their own: a fresh key at a's endpoint is stored
+    // but not listed, and the owner is told why.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let c = reg.client();
+    let liar = signer(77);
+    let claim = Record {
+        endpoint: a.node.mesh.to_string(),
+        ..record(&liar, "liar", 1)
+    }
+    .sign(&liar);
+    let answer = rt.block_on(register(&c, &claim));
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    assert_eq!(answer.json()["listed"], false, "{}", answer.json());
+    assert_eq!(answer.json()["reachability"]["reachable"], false);
+    let all = rt
+        .block_on(c.call("GET", "/registry/v1/records", None))
+        .expect("list");
+    let listed: Vec<String> = all.json()["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["record"]["node_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        listed.len(),
+        2,
+        "only the two proven nodes are listed: {listed:?}"
+    );
+    assert!(!listed.contains(&"liar".to_string()));
+
+    // Approve each other from what was discovered, then route a chat from a to b's model.
+    approve_sighting(&b.node, &a_seen, &["qwen3.5:35b"]);
+    approve_sighting(&a.node, &b_seen, &[]);
+    assert_eventually(
+        Duration::from_secs(15),
+        "a learns b's models by hello",
+        || {
+            a.node.get("/peers/status").json()["peers"]
+                .as_array()
+                .is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["public_key"] == b_key.as_str()
+                            && p["reachable"] == true
+                            && !p["models_shared_with_us"]
+                                .as_array()
+                                .is_none_or(Vec::is_empty)
+                    })
+                })
+        },
+    );
+    let before = b.backend.hits();
+    let rsp = a.node.post(
+        "/api/chat",
+        &json!({"model": "qwen3.5:35b", "messages": [{"role": "user", "content": "hi"}], "stream": false}),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert_eq!(
+        b.backend.hits(),
+        before + 1,
+        "the chat was served by b's backend"
+    );
+
+    // A clean shutdown withdraws b's record.
+    b.node.terminate();
+    let key = arknet::discovery::registry::urlencode(&b_key);
+    assert_eventually(
+        Duration::from_secs(10),
+        "b's record withdrawn at shutdown",
+        || {
+            rt.block_on(c.call("GET", &format!("/registry/v1/record?key={key}"), None))
+                .is_ok_and(|a| a.status == 404)
+        },
+    );
+    b.node.kill();
+}
+
+#[test]
+fn a_listed_key_its_endpoint_cannot_prove_is_dropped_and_counted_as_a_spoof() {
+    use support::fake_backend::FakeConfig;
+    use support::grid::{assert_eventually, Ark};
+    // This registry lists without dialling, so a lie reaches the nodes: they must catch it.
+    let reg = RegistryProc::start("reachability_check = false\n", None);
+    let a = Ark::start_with(FakeConfig::ollama(&["llama3.1:8b"]), 4, |s| {
+        s.table(&registry_table(&reg, &[]))
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let c = reg.client();
+    let liar = signer(78);
+    // The liar's record points at a's own mesh listener, which answers with a's key.
+    let claim = Record {
+        endpoint: a.node.mesh.to_string(),
+        ..record(&liar, "liar", 1)
+    }
+    .sign(&liar);
+    let answer = rt.block_on(register(&c, &claim));
+    assert_eq!(answer.json()["listed"], true, "{}", answer.json());
+    let spoofs = || -> u64 {
+        a.node
+            .get("/metrics")
+            .text()
+            .lines()
+            .find(|l| l.starts_with("arknet_mesh_spoofs_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eventually(
+        Duration::from_secs(15),
+        "a counts the liar as a spoof",
+        || spoofs() >= 1,
+    );
+    let liar_key = liar.public_key().to_string();
+    assert!(
+        a.node.get("/peers/discovered").json()["peers"]
+            .as_array()
+            .is_none_or(|ps| ps.iter().all(|p| p["public_key"] != liar_key.as_str())),
+        "an unproven key must not be listed"
+    );
+}

@@ -222,6 +222,10 @@ pub async fn cli(
 }
 
 impl Publisher {
+    fn client_url(&self) -> &str {
+        self.client.url()
+    }
+
     async fn client_key(&self) -> Option<String> {
         self.client
             .call("GET", "/registry/v1/info", None)
@@ -233,6 +237,142 @@ impl Publisher {
 
 fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// The registry discovery source, run by Pingora as a background service: registers this
+/// node, heartbeats at a third of the TTL (jittered), fetches the listed nodes and proves each
+/// one's key with a pinned mutual-TLS hello before reporting it as a sighting; withdraws the
+/// record at shutdown.
+pub struct RegistryDiscovery {
+    /// This node in the registry.
+    pub publisher: Publisher,
+    /// Period of peer fetches.
+    pub fetch_interval: std::time::Duration,
+    /// Proves listed keys (a mismatch is counted as a spoof and dropped).
+    pub client: std::sync::Arc<crate::mesh::client::MeshClient>,
+    /// Where sightings go.
+    pub peers: std::sync::Arc<crate::peers::PeerTable>,
+    /// Set once the record was withdrawn at shutdown, so the process may exit.
+    pub stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Registry look-ups stop after this many pages (500 records each) per fetch.
+const MAX_PAGES: usize = 20;
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for RegistryDiscovery {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        tracing::info!(
+            registry = %self.publisher.client_url(),
+            endpoint = %self.publisher.endpoint,
+            models = ?self.publisher.models,
+            "registry discovery started"
+        );
+        let heartbeat = std::time::Duration::from_secs((self.publisher.ttl / 3).max(1));
+        let mut beat_at = tokio::time::Instant::now();
+        let mut fetch_at = tokio::time::Instant::now();
+        let mut registered = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(beat_at) => {
+                    // A failed registration is retried sooner than a heartbeat.
+                    registered = self.beat().await;
+                    let next = if registered { heartbeat } else { heartbeat.min(std::time::Duration::from_secs(5)) };
+                    beat_at = tokio::time::Instant::now() + super::jittered(next);
+                }
+                _ = tokio::time::sleep_until(fetch_at) => {
+                    self.fetch().await;
+                    fetch_at = tokio::time::Instant::now() + super::jittered(self.fetch_interval);
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        if registered {
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                self.publisher.deregister(),
+            )
+            .await
+            {
+                Ok(Ok(a)) if a.status == 200 => tracing::info!("registry record withdrawn"),
+                Ok(Ok(a)) => {
+                    tracing::warn!(status = a.status, answer = %a.json(), "registry refused the withdrawal")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "registry withdrawal failed"),
+                Err(_) => tracing::warn!("registry withdrawal timed out"),
+            }
+        }
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl RegistryDiscovery {
+    async fn beat(&self) -> bool {
+        match self.publisher.register().await {
+            Ok(a) if a.status == 200 => {
+                let v = a.json();
+                let reach = &v["reachability"];
+                if reach["reachable"].as_bool() == Some(true) {
+                    tracing::debug!(expires = %v["expires"], "registry heartbeat accepted");
+                } else {
+                    tracing::warn!(detail = %reach["detail"], "registered, but the registry could not reach this node: not listed");
+                }
+                true
+            }
+            Ok(a) => {
+                tracing::warn!(status = a.status, answer = %a.json(), "registry refused our record");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registry unreachable");
+                false
+            }
+        }
+    }
+
+    async fn fetch(&self) {
+        let listed = match fetch_all(&self.publisher.client, MAX_PAGES).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry look-up failed");
+                return;
+            }
+        };
+        let own = self.publisher.signer.public_key();
+        let mut proving = tokio::task::JoinSet::new();
+        for l in listed {
+            let r = l.signed.record;
+            let (Ok(key), Ok(addr)) = (
+                r.public_key.parse::<crate::identity::PublicKey>(),
+                r.endpoint.parse::<std::net::SocketAddr>(),
+            ) else {
+                continue;
+            };
+            if key == own {
+                continue;
+            }
+            let client = self.client.clone();
+            proving.spawn(async move { (key, addr, client.hello(addr, Some(&key)).await) });
+        }
+        while let Some(done) = proving.join_next().await {
+            let Ok((key, addr, verdict)) = done else {
+                continue;
+            };
+            match verdict {
+                // The pinned hello proved the key: now it is a candidate, pending approval.
+                Ok(hello) => self.peers.sighted(
+                    hello.key,
+                    crate::peers::Source::Registry,
+                    hello.node_id,
+                    Some(addr.to_string()),
+                ),
+                // Spoofs are counted by the client; the unreachable are tried next fetch.
+                Err(e) => {
+                    tracing::debug!(public_key = %key, %addr, error = %e, "registry-listed node not proven")
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

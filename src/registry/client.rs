@@ -41,6 +41,7 @@ pub struct RegistryClient {
     peer: HttpPeer,
     authority: String,
     pinned: Option<PublicKey>,
+    url: String,
 }
 
 impl RegistryClient {
@@ -94,7 +95,13 @@ impl RegistryClient {
             peer,
             authority,
             pinned,
+            url: url.to_string(),
         })
+    }
+
+    /// The registry's URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// One request; the answer must carry a valid registry signature (and the pinned key).
