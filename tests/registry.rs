@@ -62,13 +62,18 @@ fn refusals_total(metrics: &str) -> u64 {
         .sum()
 }
 
+const MATRIX_CONFIG: &str = "reachability_check = false\nwrites_per_key_per_minute = 3\n\
+     writes_per_address_per_minute = 60\nmax_ttl_secs = 600\nmax_body_bytes = 8192\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_write_is_refused_with_its_status_and_reason() {
-    let reg = RegistryProc::start(
-        "reachability_check = false\nwrites_per_key_per_minute = 3\n\
-         writes_per_address_per_minute = 60\nmax_ttl_secs = 600\nmax_body_bytes = 8192\n",
-        None,
-    );
+    let reg = RegistryProc::start(MATRIX_CONFIG, None);
+    refusal_matrix(&reg, None).await;
+}
+
+/// Every kind of bad write against `reg`; `reader`, another instance on the same database,
+/// must then read what `reg` accepted.
+async fn refusal_matrix(reg: &RegistryProc, reader: Option<&RegistryProc>) {
     let c = reg.client();
     let mut refused: Vec<(&str, u16, String)> = Vec::new();
     let mut expect = |case: &'static str, a: &Answer, status: u16, want: &str| {
@@ -289,6 +294,23 @@ async fn every_bad_write_is_refused_with_its_status_and_reason() {
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["record"]["seq"], 21);
     assert_eq!(got.json()["record"]["endpoint"], "127.0.0.1:7443");
+    if let Some(other) = reader {
+        let got = other
+            .client()
+            .call("GET", &format!("/registry/v1/record?key={key}"), None)
+            .await
+            .expect("look-up on the other instance");
+        assert_eq!(got.status, 200, "{}", got.json());
+        assert_eq!(
+            got.json()["record"]["seq"],
+            21,
+            "a write on one is read on the other"
+        );
+        assert_ne!(
+            got.registry_key, metrics.registry_key,
+            "two instances, each signing with its own key"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,13 +401,18 @@ async fn https_only_and_slow_headers_are_cut() {
     );
 }
 
+const DURABILITY_CONFIG: &str = "reachability_check = false\nwrites_per_key_per_minute = 0\n\
+     writes_per_address_per_minute = 0\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_expire_survive_restart_and_kill_9_loses_no_acknowledged_write() {
-    let mut reg = RegistryProc::start(
-        "reachability_check = false\nwrites_per_key_per_minute = 0\n\
-         writes_per_address_per_minute = 0\n",
-        None,
-    );
+    let mut reg = RegistryProc::start(DURABILITY_CONFIG, None);
+    expiry_restart_and_kill_9(&mut reg, None).await;
+}
+
+/// Expiry, restart and kill -9 against `reg`; `reader`, another instance on the same
+/// database, checks the acknowledged writes while `reg` is dead.
+async fn expiry_restart_and_kill_9(reg: &mut RegistryProc, reader: Option<&RegistryProc>) {
     let c = reg.client();
     let short = signer(1);
     let t = now();
@@ -458,6 +485,18 @@ async fn records_expire_survive_restart_and_kill_9_loses_no_acknowledged_write()
         "too few writes before the kill: {}",
         acked.len()
     );
+    if let Some(other) = reader {
+        // While the killed instance is down, the other serves every acknowledged record.
+        let c = other.client();
+        for (id, seq) in &acked {
+            let a = c
+                .call("GET", &format!("/registry/v1/record?node_id={id}"), None)
+                .await
+                .expect("get");
+            assert_eq!(a.status, 200, "acknowledged {id} not on the other instance");
+            assert_eq!(a.json()["record"]["seq"].as_u64(), Some(*seq));
+        }
+    }
     reg.restart();
     let c = reg.client();
     for (id, seq) in &acked {
@@ -686,4 +725,18 @@ fn a_listed_key_its_endpoint_cannot_prove_is_dropped_and_counted_as_a_spoof() {
             .is_none_or(|ps| ps.iter().all(|p| p["public_key"] != liar_key.as_str())),
         "an unproven key must not be listed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_back_end_passes_the_same_suite_with_two_instances_on_one_database() {
+    let pg = support::postgres::Postgres::start();
+    let matrix_db = pg.create_db("matrix");
+    let one = RegistryProc::start(MATRIX_CONFIG, Some(&matrix_db));
+    let two = RegistryProc::start(MATRIX_CONFIG, Some(&matrix_db));
+    refusal_matrix(&one, Some(&two)).await;
+    drop((one, two));
+    let durable_db = pg.create_db("durable");
+    let mut one = RegistryProc::start(DURABILITY_CONFIG, Some(&durable_db));
+    let two = RegistryProc::start(DURABILITY_CONFIG, Some(&durable_db));
+    expiry_restart_and_kill_9(&mut one, Some(&two)).await;
 }
