@@ -43,6 +43,18 @@ const SCHEMA: [&str; 4] = [
     "CREATE INDEX IF NOT EXISTS registry_models_key ON registry_models (public_key)",
 ];
 
+/// Insert or replace a record, only when its seq is above the stored one (tombstones included).
+const UPSERT: &str = "INSERT INTO registry_records
+        (public_key, node_id, endpoint, models, seq, issued_at, expires, signature,
+         reachable, deleted)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+     ON CONFLICT (public_key) DO UPDATE SET
+        node_id = excluded.node_id, endpoint = excluded.endpoint,
+        models = excluded.models, seq = excluded.seq, issued_at = excluded.issued_at,
+        expires = excluded.expires, signature = excluded.signature,
+        reachable = excluded.reachable, deleted = 0
+     WHERE registry_records.seq < excluded.seq";
+
 const COLUMNS: &str =
     "r.node_id, r.public_key, r.endpoint, r.models, r.seq, r.issued_at, r.expires, r.signature, r.reachable";
 
@@ -196,29 +208,18 @@ impl Store {
         models.sort_unstable();
         models.dedup();
         let mut tx = self.pool.begin().await?;
-        let upsert = sqlx::query(
-            "INSERT INTO registry_records
-                (public_key, node_id, endpoint, models, seq, issued_at, expires, signature,
-                 reachable, deleted)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
-             ON CONFLICT (public_key) DO UPDATE SET
-                node_id = excluded.node_id, endpoint = excluded.endpoint,
-                models = excluded.models, seq = excluded.seq, issued_at = excluded.issued_at,
-                expires = excluded.expires, signature = excluded.signature,
-                reachable = excluded.reachable, deleted = 0
-             WHERE registry_records.seq < excluded.seq",
-        )
-        .bind(&r.public_key)
-        .bind(&r.node_id)
-        .bind(&r.endpoint)
-        .bind(models.join(","))
-        .bind(as_i64(r.seq))
-        .bind(as_i64(r.issued_at))
-        .bind(as_i64(r.expires))
-        .bind(&signed.signature)
-        .bind(i64::from(reachable))
-        .execute(&mut *tx)
-        .await;
+        let upsert = sqlx::query(UPSERT)
+            .bind(&r.public_key)
+            .bind(&r.node_id)
+            .bind(&r.endpoint)
+            .bind(models.join(","))
+            .bind(as_i64(r.seq))
+            .bind(as_i64(r.issued_at))
+            .bind(as_i64(r.expires))
+            .bind(&signed.signature)
+            .bind(i64::from(reachable))
+            .execute(&mut *tx)
+            .await;
         let done = match upsert {
             Ok(done) => done,
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
@@ -242,6 +243,52 @@ impl Store {
         }
         tx.commit().await?;
         Ok(PutOutcome::Stored)
+    }
+
+    /// Stores many records in one transaction (bulk import, benchmarks); records whose seq is
+    /// not above the stored one are skipped. Returns how many were stored.
+    pub async fn put_many(
+        &self,
+        records: &[SignedRecord],
+        reachable: bool,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut stored = 0;
+        for signed in records {
+            let r = &signed.record;
+            let mut models: Vec<&str> = r.models.iter().map(String::as_str).collect();
+            models.sort_unstable();
+            models.dedup();
+            let done = sqlx::query(UPSERT)
+                .bind(&r.public_key)
+                .bind(&r.node_id)
+                .bind(&r.endpoint)
+                .bind(models.join(","))
+                .bind(as_i64(r.seq))
+                .bind(as_i64(r.issued_at))
+                .bind(as_i64(r.expires))
+                .bind(&signed.signature)
+                .bind(i64::from(reachable))
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            stored += 1;
+            sqlx::query("DELETE FROM registry_models WHERE public_key = $1")
+                .bind(&r.public_key)
+                .execute(&mut *tx)
+                .await?;
+            for m in models {
+                sqlx::query("INSERT INTO registry_models (model, public_key) VALUES ($1, $2)")
+                    .bind(m)
+                    .bind(&r.public_key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(stored)
     }
 
     /// Replaces the record of `public_key` by a tombstone holding `seq` until `keep_until`, so
