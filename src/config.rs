@@ -847,4 +847,32 @@ mod tests {
             Some("sk-secret")
         );
     }
+
+    #[test]
+    fn registry_discovery_is_off_by_default_and_validated_when_on() {
+        assert_eq!(parse("").expect("defaults").registry, None);
+        let on = parse(
+            "[mesh]\nlisten = \"192.0.2.1:8911\"\n[discovery.registry]\nenabled = true\n\
+             url = \"https://registry.example:8443/\"\nadvertise_models = [\"qwen3:8b\"]\n",
+        )
+        .expect("valid");
+        let r = on.registry.expect("enabled");
+        assert_eq!(r.url, "https://registry.example:8443");
+        assert_eq!(r.public_endpoint.to_string(), "192.0.2.1:8911");
+        assert_eq!(r.advertise_models, ["qwen3:8b"]);
+        assert_eq!(r.ttl, Duration::from_secs(600));
+        let (line, key, _) =
+            invalid("[discovery.registry]\nenabled = true\nurl = \"http://plain:80\"\n");
+        assert_eq!((line, key.as_str()), (3, "discovery.registry.url"));
+        let (_, key, msg) =
+            invalid("[discovery.registry]\nenabled = true\nurl = \"https://r:1\"\n");
+        assert_eq!(key, "discovery.registry.public_endpoint", "{msg}");
+        let (line, key, _) = invalid(
+            "[discovery.registry]\nenabled = true\nurl = \"https://r:1\"\n\
+             public_endpoint = \"192.0.2.1:1\"\nregistry_key = \"nope\"\n",
+        );
+        assert_eq!((line, key.as_str()), (5, "discovery.registry.registry_key"));
+        let (line, key, _) = invalid("[discovery.registry]\nenabeld = true\n");
+        assert_eq!((line, key.as_str()), (2, "discovery.registry.enabeld"));
+    }
 }
