@@ -21,9 +21,11 @@ build_pkgs=(build-essential cmake clang libclang-dev pkg-config curl ca-certific
 # tests). chromium, chromium-driver: the admin page's browser test. avahi-daemon, avahi-utils,
 # dbus: mDNS interoperability. wireguard-go, wireguard-tools: WireGuard discovery (userspace
 # tunnel, no kernel module). systemd: `systemd-analyze verify` of conf/arknet.service (only the
-# tool is used; nothing is started). nodejs, npm: handled below.
+# tool is used; nothing is started). postgresql: the registry's PostgreSQL back-end test starts
+# its own server (initdb/postgres as nobody in a temp dir). setpriv (util-linux) runs it as
+# nobody. nodejs, npm: handled below.
 test_pkgs=(nginx-light iproute2 chromium chromium-driver avahi-daemon avahi-utils dbus
-  wireguard-go wireguard-tools systemd)
+  wireguard-go wireguard-tools systemd postgresql util-linux)
 
 usage() { echo "usage: $0 [--list] build|test" >&2; exit 64; }
 

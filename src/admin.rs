@@ -99,32 +99,44 @@ impl Admin {
 
     /// Serves one admin request from a Pingora session through the router.
     pub async fn serve(&self, s: &mut ServerSession, path: &str) -> Outcome {
-        let body = match read_body_or_reply(s, &self.bodies, crate::error::Dialect::OpenAi).await {
-            Ok(b) => b,
-            Err(outcome) => return outcome,
-        };
-        let req_header = s.req_header();
-        let uri = match req_header.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
-        };
-        let mut builder = axum::http::Request::builder()
-            .method(req_header.method.clone())
-            .uri(uri);
-        for (name, value) in req_header.headers.iter() {
-            builder = builder.header(name, value);
-        }
-        let client = ClientAddr(s.client_addr().and_then(|a| a.as_inet()).copied());
-        let request = match builder.extension(client).body(Body::from(body.bytes)) {
-            Ok(r) => r,
-            Err(e) => return reply(s, error(StatusCode::BAD_REQUEST, &e.to_string())).await,
-        };
-        let response = match self.router.clone().oneshot(request).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
-        reply(s, response).await
+        serve_router(s, &self.router, &self.bodies, path).await
     }
+}
+
+/// Serves one request from a Pingora session through an axum `router`: the body is read under
+/// `bodies`, the client address is put in the request's extensions as [`ClientAddr`], and the
+/// answer is written whole. Shared by the admin API and the registry.
+pub async fn serve_router(
+    s: &mut ServerSession,
+    router: &Router,
+    bodies: &BodyLimits,
+    path: &str,
+) -> Outcome {
+    let body = match read_body_or_reply(s, bodies, crate::error::Dialect::OpenAi).await {
+        Ok(b) => b,
+        Err(outcome) => return outcome,
+    };
+    let req_header = s.req_header();
+    let uri = match req_header.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut builder = axum::http::Request::builder()
+        .method(req_header.method.clone())
+        .uri(uri);
+    for (name, value) in req_header.headers.iter() {
+        builder = builder.header(name, value);
+    }
+    let client = ClientAddr(s.client_addr().and_then(|a| a.as_inet()).copied());
+    let request = match builder.extension(client).body(Body::from(body.bytes)) {
+        Ok(r) => r,
+        Err(e) => return reply(s, error(StatusCode::BAD_REQUEST, &e.to_string())).await,
+    };
+    let response = match router.clone().oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    reply(s, response).await
 }
 
 async fn reply(s: &mut ServerSession, response: Response) -> Outcome {

@@ -189,6 +189,54 @@ struct FileDiscovery {
     mdns: Option<bool>,
     mdns_interfaces: Vec<String>,
     wireguard: FileWireguard,
+    registry: FileRegistryDiscovery,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRegistryDiscovery {
+    enabled: bool,
+    url: Spanned<String>,
+    ca_file: Option<PathBuf>,
+    registry_key: Option<Spanned<String>>,
+    advertise_models: Vec<String>,
+    public_endpoint: Option<SocketAddr>,
+    ttl_secs: u64,
+    fetch_interval_secs: u64,
+}
+
+impl Default for FileRegistryDiscovery {
+    fn default() -> Self {
+        FileRegistryDiscovery {
+            enabled: false,
+            url: Spanned::new(0..0, String::new()),
+            ca_file: None,
+            registry_key: None,
+            advertise_models: Vec::new(),
+            public_endpoint: None,
+            ttl_secs: 600,
+            fetch_interval_secs: 30,
+        }
+    }
+}
+
+/// `[discovery.registry]`: publish this node in a public registry and learn peers from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryDiscovery {
+    /// `https://host:port` of the registry.
+    pub url: String,
+    /// CA certificates (PEM) for the registry's certificate; `None`: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The registry's answer-signing key, when pinned.
+    pub registry_key: Option<crate::identity::PublicKey>,
+    /// Models listed in our record (default none: the owner chooses what strangers see).
+    pub advertise_models: Vec<String>,
+    /// Mesh endpoint published (port-forwarded setups); default `mesh.listen`.
+    pub public_endpoint: SocketAddr,
+    /// Lifetime of each record; heartbeats come at a third of it, jittered.
+    pub ttl: Duration,
+    /// Period of peer fetches.
+    pub fetch_interval: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +458,8 @@ pub struct Config {
     pub wireguard_interface: Option<String>,
     /// Mesh port of the nodes behind the tunnel (default: our own mesh port).
     pub wireguard_mesh_port: Option<u16>,
+    /// The public registry, when enabled (off by default).
+    pub registry: Option<RegistryDiscovery>,
     /// Upstream timeouts.
     pub upstream: UpstreamConfig,
     /// The node's own model servers, in preference order.
@@ -531,6 +581,53 @@ impl Config {
             });
         }
         let u = file.upstream;
+        let r = &file.discovery.registry;
+        let registry = if r.enabled {
+            let url = r.url.get_ref();
+            if !url.starts_with("https://") {
+                return Err(invalid(
+                    "discovery.registry.url",
+                    Some(r.url.span()).filter(|s| !s.is_empty()),
+                    format!("`{url}`: the registry is reached over HTTPS only (https://host:port)"),
+                ));
+            }
+            let registry_key = match &r.registry_key {
+                Some(k) => Some(k.get_ref().parse().map_err(
+                    |e: crate::identity::IdentityError| {
+                        invalid(
+                            "discovery.registry.registry_key",
+                            Some(k.span()),
+                            e.to_string(),
+                        )
+                    },
+                )?),
+                None => None,
+            };
+            let public_endpoint = match r.public_endpoint {
+                Some(e) => e,
+                None if file.mesh.listen.ip().is_unspecified() => {
+                    return Err(invalid(
+                        "discovery.registry.public_endpoint",
+                        Some(r.url.span()),
+                        "required when mesh.listen is the wildcard address: the ip:port other \
+                         nodes dial"
+                            .to_string(),
+                    ))
+                }
+                None => file.mesh.listen,
+            };
+            Some(RegistryDiscovery {
+                url: url.trim_end_matches('/').to_string(),
+                ca_file: r.ca_file.clone(),
+                registry_key,
+                advertise_models: r.advertise_models.clone(),
+                public_endpoint,
+                ttl: Duration::from_secs(r.ttl_secs.max(30)),
+                fetch_interval: Duration::from_secs(r.fetch_interval_secs.max(1)),
+            })
+        } else {
+            None
+        };
         Ok(Config {
             node_id: file.node_id.map(Spanned::into_inner),
             data_dir: file
@@ -568,6 +665,7 @@ impl Config {
                 .enabled
                 .then(|| file.discovery.wireguard.interface.clone()),
             wireguard_mesh_port: file.discovery.wireguard.mesh_port,
+            registry,
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 first_byte_timeout: Duration::from_secs(u.first_byte_timeout_secs.max(1)),
@@ -588,7 +686,12 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error, key: Option<String>) -> ConfigError {
+pub(crate) fn parse_error(
+    path: &Path,
+    text: &str,
+    e: &toml::de::Error,
+    key: Option<String>,
+) -> ConfigError {
     let span = e.span();
     let line = span.as_ref().map_or(0, |s| line_of(text, s.start));
     let key = key
@@ -603,7 +706,7 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error, key: Option<String>
 }
 
 /// A serde path as the dotted key a user edits: `backends[1].url` is `backends.url` in TOML.
-fn dotted(path: &serde_path_to_error::Path) -> String {
+pub(crate) fn dotted(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     path.iter()
         .filter_map(|segment| match segment {
@@ -614,7 +717,7 @@ fn dotted(path: &serde_path_to_error::Path) -> String {
         .join(".")
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
@@ -743,5 +846,33 @@ mod tests {
             c.backends[0].api_key.as_ref().map(|k| k.0.as_str()),
             Some("sk-secret")
         );
+    }
+
+    #[test]
+    fn registry_discovery_is_off_by_default_and_validated_when_on() {
+        assert_eq!(parse("").expect("defaults").registry, None);
+        let on = parse(
+            "[mesh]\nlisten = \"192.0.2.1:8911\"\n[discovery.registry]\nenabled = true\n\
+             url = \"https://registry.example:8443/\"\nadvertise_models = [\"qwen3:8b\"]\n",
+        )
+        .expect("valid");
+        let r = on.registry.expect("enabled");
+        assert_eq!(r.url, "https://registry.example:8443");
+        assert_eq!(r.public_endpoint.to_string(), "192.0.2.1:8911");
+        assert_eq!(r.advertise_models, ["qwen3:8b"]);
+        assert_eq!(r.ttl, Duration::from_secs(600));
+        let (line, key, _) =
+            invalid("[discovery.registry]\nenabled = true\nurl = \"http://plain:80\"\n");
+        assert_eq!((line, key.as_str()), (3, "discovery.registry.url"));
+        let (_, key, msg) =
+            invalid("[discovery.registry]\nenabled = true\nurl = \"https://r:1\"\n");
+        assert_eq!(key, "discovery.registry.public_endpoint", "{msg}");
+        let (line, key, _) = invalid(
+            "[discovery.registry]\nenabled = true\nurl = \"https://r:1\"\n\
+             public_endpoint = \"192.0.2.1:1\"\nregistry_key = \"nope\"\n",
+        );
+        assert_eq!((line, key.as_str()), (5, "discovery.registry.registry_key"));
+        let (line, key, _) = invalid("[discovery.registry]\nenabeld = true\n");
+        assert_eq!((line, key.as_str()), (2, "discovery.registry.enabeld"));
     }
 }

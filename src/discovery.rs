@@ -8,6 +8,7 @@
 //! schedule: one silent address never holds up the others.
 
 pub mod mdns;
+pub mod registry;
 pub mod wireguard;
 
 use std::time::Duration;

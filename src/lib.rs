@@ -27,6 +27,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod peers;
+pub mod registry;
 pub mod relay;
 pub mod routing;
 pub mod session;
@@ -77,6 +78,9 @@ pub enum StartError {
     /// The identity could not be loaded or created.
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
+    /// The registry client could not be set up (URL, CA file, identity key).
+    #[error("discovery.registry: {0}")]
+    Registry(String),
     /// The mesh TLS material could not be loaded.
     #[error("{0}")]
     Tls(#[from] TlsError),
@@ -294,6 +298,38 @@ impl Node {
                 peers: peers.clone(),
             }
         });
+        // Without a registry there is no record to withdraw at shutdown.
+        let registry_done = Arc::new(std::sync::atomic::AtomicBool::new(
+            config.registry.is_none(),
+        ));
+        let registry = match &config.registry {
+            Some(r) => {
+                let registry_client = crate::registry::client::RegistryClient::new(
+                    &r.url,
+                    r.ca_file.as_deref(),
+                    r.registry_key,
+                )
+                .map_err(StartError::Registry)?;
+                let signer =
+                    crate::registry::record::Signer::from_pkcs8_pem(self.identity.key_pem())
+                        .map_err(StartError::Registry)?;
+                Some(crate::discovery::registry::RegistryDiscovery {
+                    publisher: crate::discovery::registry::Publisher::new(
+                        self.node_id.clone(),
+                        signer,
+                        r.public_endpoint.to_string(),
+                        r.advertise_models.clone(),
+                        r.ttl.as_secs(),
+                        registry_client,
+                    ),
+                    fetch_interval: r.fetch_interval,
+                    client: client.clone(),
+                    peers: peers.clone(),
+                    stopped: registry_done.clone(),
+                })
+            }
+            None => None,
+        };
         let poller = MeshPoller {
             client,
             peers,
@@ -308,7 +344,7 @@ impl Node {
         crate::shutdown::exit_when_drained(
             server.watch_execution_phase(),
             in_flight.clone(),
-            background_done,
+            vec![background_done, registry_done],
             std::time::Duration::from_secs(config.shutdown_grace_secs),
         );
         let limits = config.connections.clone();
@@ -328,6 +364,9 @@ impl Node {
         }
         if let Some(wireguard) = wireguard {
             server.add_service(background_service("wireguard discovery", wireguard));
+        }
+        if let Some(registry) = registry {
+            server.add_service(background_service("registry discovery", registry));
         }
         self.log_summary();
         server.run_forever()

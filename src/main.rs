@@ -49,6 +49,40 @@ enum Command {
         #[command(subcommand)]
         action: PeersAction,
     },
+    /// The public registry: run one, or see and withdraw this node's record in one.
+    Registry {
+        #[command(subcommand)]
+        action: RegistryAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryAction {
+    /// Run a registry (or, with --check, validate its config and exit).
+    Serve {
+        /// Registry config file [default: conf/registry.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Validate the config and exit: 0 when valid, 64 with file:line: key: message.
+        #[arg(long)]
+        check: bool,
+    },
+    /// What this node published in a registry: endpoint, models, expiry, reachability.
+    Status(RegistryNodeArgs),
+    /// Withdraw this node's record from a registry (signed with its key).
+    Deregister(RegistryNodeArgs),
+}
+
+#[derive(Args)]
+struct RegistryNodeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Registry URL, https://host:port.
+    #[arg(long)]
+    url: String,
+    /// CA certificates (PEM) that issued the registry's certificate [default: the system's].
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +204,7 @@ fn main() -> ExitCode {
             api,
             action,
         } => peers(&config, api, action),
+        Command::Registry { action } => registry(action),
     }
 }
 
@@ -337,6 +372,76 @@ fn id(args: ConfigArgs) -> ExitCode {
 
 /// Writes `text` and a newline to stdout. A reader that went away (`arknet peers list | head`)
 /// is normal use, not an error worth a panic: the output is just cut, as with any Unix tool.
+fn registry(action: RegistryAction) -> ExitCode {
+    use arknet::registry::config::{RegistryConfig, DEFAULT_REGISTRY_CONFIG};
+    let args = match action {
+        RegistryAction::Serve { config, check } => {
+            let path = config.unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRY_CONFIG));
+            let config = match RegistryConfig::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("arknet: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            if check {
+                eprintln!("arknet: {} is valid", path.display());
+                return ExitCode::SUCCESS;
+            }
+            init_tracing(&config.log_level);
+            if let Err(e) = arknet::registry::serve(config) {
+                tracing::error!("{e}");
+                eprintln!("arknet: {e}");
+                return ExitCode::FAILURE;
+            }
+            return ExitCode::SUCCESS;
+        }
+        RegistryAction::Status(args) => (args, false),
+        RegistryAction::Deregister(args) => (args, true),
+    };
+    let (args, deregister) = args;
+    let config = match load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("arknet: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let node = match Node::prepare(config) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("arknet: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(arknet::discovery::registry::cli(
+                &node,
+                &args.url,
+                args.ca_file.as_deref(),
+                deregister,
+            ))
+        });
+    match result {
+        Ok((ok, text)) => {
+            let printed = print_out(&text);
+            if ok {
+                printed
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("arknet: registry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn print_out(text: &str) -> ExitCode {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

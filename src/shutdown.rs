@@ -40,12 +40,13 @@ impl Drop for InFlightGuard {
 }
 
 /// Watches Pingora's execution phases from its own thread; once the grace period starts, ends
-/// the process as soon as `in_flight` is zero and `background_done` (the mDNS goodbye) is set,
+/// the process as soon as `in_flight` is zero and every `background_done` flag (the mDNS
+/// goodbye, the registry withdrawal) is set,
 /// or leaves it to Pingora when the grace period runs out first.
 pub fn exit_when_drained(
     mut phases: broadcast::Receiver<ExecutionPhase>,
     in_flight: Arc<InFlight>,
-    background_done: Arc<AtomicBool>,
+    background_done: Vec<Arc<AtomicBool>>,
     grace: Duration,
 ) {
     let spawned = std::thread::Builder::new()
@@ -60,7 +61,9 @@ pub fn exit_when_drained(
             }
             let deadline = Instant::now() + grace;
             while Instant::now() < deadline {
-                if in_flight.count() == 0 && background_done.load(Ordering::SeqCst) {
+                if in_flight.count() == 0
+                    && background_done.iter().all(|d| d.load(Ordering::SeqCst))
+                {
                     tracing::info!(
                         "nothing in flight; exiting without waiting for the grace period"
                     );

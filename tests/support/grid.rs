@@ -90,6 +90,8 @@ pub struct NodeSpec {
     pub hello_interval_secs: Option<u64>,
     /// `api.shutdown_grace_secs` (default 0: tests stop nodes at once).
     pub shutdown_grace_secs: Option<u64>,
+    /// Whole TOML tables appended to the config (e.g. `[discovery.registry]`).
+    pub tables: String,
 }
 
 impl NodeSpec {
@@ -121,6 +123,14 @@ impl NodeSpec {
     /// Seconds between hellos to approved peers.
     pub fn hello_interval(mut self, secs: u64) -> Self {
         self.hello_interval_secs = Some(secs);
+        self
+    }
+
+    /// A whole TOML table (header included) appended to the config.
+    pub fn table(mut self, toml: &str) -> Self {
+        self.tables.push('\n');
+        self.tables.push_str(toml);
+        self.tables.push('\n');
         self
     }
 
@@ -357,6 +367,7 @@ fn render_config(spec: &NodeSpec, api: SocketAddr, mesh: SocketAddr, data_dir: &
             b.name, b.kind, b.url, b.max_concurrent, b.extra
         ));
     }
+    toml.push_str(&spec.tables);
     toml
 }
 

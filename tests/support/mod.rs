@@ -9,5 +9,7 @@ pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod nginx;
+pub mod postgres;
 pub mod process;
 pub mod python;
+pub mod registry;

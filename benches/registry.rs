@@ -1,0 +1,322 @@
+//! Registry at scale (issue #13): a database holding 1,000,000 signed records (each advertising
+//! 3 of 1,000 model names), then
+//!
+//! 1. look-ups by model (first page, 100 records) — in process through the store, and end to
+//!    end over HTTPS against a real `arknet registry serve` (answers signature-checked);
+//! 2. signed heartbeats per second — in process (binding read, full validation with Ed25519
+//!    verify, upsert transaction) and end to end over HTTPS.
+//!
+//! Run: `cargo bench --bench registry` (release; not in CI). `ARKNET_BENCH_RECORDS` changes the
+//! record count, `ARKNET_BENCH_DATABASE=postgres://...` runs on PostgreSQL instead of a SQLite
+//! file in a temp dir. Prints medians, p99 and rates (on stderr).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arknet::registry::client::RegistryClient;
+use arknet::registry::record::{validate_write, Policy, Record, SignedRecord, Signer};
+use arknet::registry::store::Store;
+
+const MODELS: usize = 1000;
+const LOOKUPS: usize = 2000;
+const HEARTBEAT_SECS: u64 = 10;
+const WRITERS: usize = 16;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn signer(n: u64) -> Signer {
+    let mut seed = [3u8; 32];
+    seed[..8].copy_from_slice(&n.to_le_bytes());
+    Signer::from_seed(&seed).expect("seed")
+}
+
+fn record(n: u64, s: &Signer, seq: u64, t: u64) -> SignedRecord {
+    let m = n as usize;
+    Record {
+        node_id: format!("bench-{n}"),
+        public_key: s.public_key().to_string(),
+        endpoint: format!("10.{}.{}.{}:7443", (n >> 16) & 255, (n >> 8) & 255, n & 255),
+        models: vec![
+            format!("model-{}", m % MODELS),
+            format!("model-{}", (m * 7 + 1) % MODELS),
+            format!("model-{}", (m * 13 + 2) % MODELS),
+        ],
+        seq,
+        issued_at: t,
+        expires: t + 3000,
+    }
+    .sign(s)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    eprintln!(
+        "{name}: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+}
+
+fn random(state: &mut u64) -> u64 {
+    // xorshift: reproducible, no dependency.
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+async fn populate(store: &Store, count: u64) {
+    let started = Instant::now();
+    let t = now();
+    let batch = 10_000u64;
+    let mut n = 0;
+    while n < count {
+        let end = (n + batch).min(count);
+        let records: Vec<SignedRecord> = tokio::task::spawn_blocking(move || {
+            (n..end).map(|i| record(i, &signer(i), 1, t)).collect()
+        })
+        .await
+        .expect("sign");
+        store.put_many(&records, true).await.expect("put_many");
+        n = end;
+    }
+    eprintln!(
+        "populate: {count} signed records in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn store_lookups(store: &Store) {
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut samples = Vec::with_capacity(LOOKUPS);
+    let t = now();
+    for _ in 0..LOOKUPS {
+        let model = format!("model-{}", random(&mut rng) as usize % MODELS);
+        let started = Instant::now();
+        let page = store.by_model(&model, "", 100, t).await.expect("by_model");
+        samples.push(started.elapsed());
+        // With a million records every model fills its first page.
+        assert!(!page.is_empty(), "{model}");
+    }
+    report("store look-up by model (100 per page)", samples);
+}
+
+async fn store_heartbeats(store: Arc<Store>, count: u64) {
+    let policy = Policy {
+        allow_private: true,
+        max_ttl: 3600,
+        ..Policy::default()
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(HEARTBEAT_SECS);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS as u64 {
+        let store = store.clone();
+        let policy = policy.clone();
+        tasks.spawn(async move {
+            let mut done = 0u64;
+            let mut seq = 2;
+            let mut n = w;
+            while Instant::now() < deadline {
+                let s = signer(n % count);
+                let hb = record(n % count, &s, seq, now());
+                let (stored, owner) = store
+                    .binding(&hb.record.public_key, &hb.record.node_id)
+                    .await
+                    .expect("binding");
+                if validate_write(&hb, stored.as_ref(), owner.as_deref(), now(), &policy).is_ok() {
+                    store.put(&hb, true).await.expect("put");
+                    done += 1;
+                }
+                n += WRITERS as u64;
+                if n >= count {
+                    n = w;
+                    seq += 1;
+                }
+            }
+            done
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done.expect("writer");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "store signed heartbeats: {total} in {secs:.1} s = {:.0}/s ({WRITERS} writers; \
+         signing included)",
+        total as f64 / secs
+    );
+}
+
+struct Registry {
+    child: std::process::Child,
+    url: String,
+    ca: std::path::PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &std::path::Path, database: &str) -> Registry {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let (cert_path, key_path) = (dir.join("r.crt"), dir.join("r.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let config = dir.join("registry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ndatabase = \"{database}\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\nallow_private = true\nmax_ttl_secs = 3600\n\
+             reachability_check = false\nwrites_per_key_per_minute = 0\n\
+             writes_per_address_per_minute = 0\nlog_level = \"warn\"\n",
+            dir.join("data").display(),
+            cert_path.display(),
+            key_path.display()
+        ),
+    )
+    .expect("config");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_arknet"))
+        .args(["registry", "serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn registry");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Registry {
+        child,
+        url: format!("https://localhost:{port}"),
+        ca: cert_path,
+    }
+}
+
+async fn http_lookups(reg: &Registry) {
+    let client = RegistryClient::new(&reg.url, Some(&reg.ca), None).expect("client");
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut samples = Vec::with_capacity(LOOKUPS);
+    for _ in 0..LOOKUPS {
+        let model = random(&mut rng) as usize % MODELS;
+        let started = Instant::now();
+        let a = client
+            .call(
+                "GET",
+                &format!("/registry/v1/records?model=model-{model}&limit=100"),
+                None,
+            )
+            .await
+            .expect("look-up");
+        samples.push(started.elapsed());
+        assert_eq!(a.status, 200);
+    }
+    report(
+        "HTTPS look-up by model (100 per page, answer signature verified)",
+        samples,
+    );
+}
+
+async fn http_heartbeats(reg: &Registry, count: u64) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(HEARTBEAT_SECS);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS as u64 {
+        let client = RegistryClient::new(&reg.url, Some(&reg.ca), None).expect("client");
+        tasks.spawn(async move {
+            let mut done = 0u64;
+            let mut refused = 0u64;
+            let mut n = w;
+            let mut seq = 1_000;
+            while Instant::now() < deadline {
+                let s = signer(n % count);
+                let body = serde_json::to_vec(&record(n % count, &s, seq, now())).expect("json");
+                match client
+                    .call("POST", "/registry/v1/heartbeat", Some(&body))
+                    .await
+                {
+                    Ok(a) if a.status == 200 => done += 1,
+                    _ => refused += 1,
+                }
+                n += WRITERS as u64;
+                if n >= count {
+                    n = w;
+                    seq += 1;
+                }
+            }
+            (done, refused)
+        });
+    }
+    let (mut total, mut refused) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (d, f) = r.expect("writer");
+        total += d;
+        refused += f;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "HTTPS signed heartbeats: {total} accepted ({refused} failed) in {secs:.1} s = {:.0}/s \
+         ({WRITERS} concurrent clients on the same 2 cores)",
+        total as f64 / secs
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument that is not ours is ignored.
+    let count: u64 = std::env::var("ARKNET_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = std::env::var("ARKNET_BENCH_DATABASE")
+        .unwrap_or_else(|_| format!("sqlite:{}", dir.path().join("registry.db").display()));
+    eprintln!(
+        "registry bench: {count} records on {}",
+        arknet::registry::redact(&database)
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = rt.block_on(async {
+        let store = Store::open(&database).await.expect("open");
+        populate(&store, count).await;
+        store_lookups(&store).await;
+        store
+    });
+    let store = Arc::new(store);
+    rt.block_on(store_heartbeats(store.clone(), count));
+    rt.block_on(store.close());
+    let reg = start_registry(dir.path(), &database);
+    rt.block_on(async {
+        http_lookups(&reg).await;
+        http_heartbeats(&reg, count).await;
+    });
+}

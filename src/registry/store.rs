@@ -1,0 +1,614 @@
+//! Registry storage: one code path (sqlx's `Any` driver, portable SQL only) over SQLite, the
+//! default, and PostgreSQL, for several stateless registry instances on one database.
+//!
+//! SQLite runs in WAL mode with `synchronous=NORMAL`: a committed write survives the process
+//! being killed (kill -9) because it is in the WAL when the commit returns; only a power cut
+//! may lose the last commits. Every write is one transaction committed before the registry
+//! answers, so an acknowledged record is stored.
+//!
+//! A delete keeps a tombstone (with its seq) until the clock window has passed, so a captured
+//! registration cannot be replayed to bring a deleted record back.
+
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor as _, Row as _};
+
+use super::record::{Record, SignedRecord, Stored};
+
+/// Most records one look-up page returns.
+pub const MAX_PAGE: u32 = 500;
+
+/// Portable schema (SQLite and PostgreSQL): `BIGINT` and `TEXT` mean the same to both.
+const SCHEMA: [&str; 4] = [
+    "CREATE TABLE IF NOT EXISTS registry_records (
+        public_key TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL UNIQUE,
+        endpoint TEXT NOT NULL,
+        models TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        expires BIGINT NOT NULL,
+        signature TEXT NOT NULL,
+        reachable BIGINT NOT NULL,
+        deleted BIGINT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS registry_records_expires ON registry_records (expires)",
+    "CREATE TABLE IF NOT EXISTS registry_models (
+        model TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        PRIMARY KEY (model, public_key)
+    )",
+    "CREATE INDEX IF NOT EXISTS registry_models_key ON registry_models (public_key)",
+];
+
+/// Insert or replace a record, only when its seq is above the stored one (tombstones included).
+const UPSERT: &str = "INSERT INTO registry_records
+        (public_key, node_id, endpoint, models, seq, issued_at, expires, signature,
+         reachable, deleted)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+     ON CONFLICT (public_key) DO UPDATE SET
+        node_id = excluded.node_id, endpoint = excluded.endpoint,
+        models = excluded.models, seq = excluded.seq, issued_at = excluded.issued_at,
+        expires = excluded.expires, signature = excluded.signature,
+        reachable = excluded.reachable, deleted = 0
+     WHERE registry_records.seq < excluded.seq";
+
+const COLUMNS: &str =
+    "r.node_id, r.public_key, r.endpoint, r.models, r.seq, r.issued_at, r.expires, r.signature, r.reachable";
+
+/// A storage failure (the database, not the record).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("registry database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The URL names no supported database.
+    #[error("registry database url `{0}`: expected sqlite:PATH or postgres://...")]
+    Url(String),
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored.
+    Stored,
+    /// A concurrent write stored this seq or a higher one first.
+    Replay,
+    /// The node id is bound to another key (a concurrent write took it).
+    NodeIdTaken,
+}
+
+/// A listed record: the signed record and whether the registry reached its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listed {
+    /// The record with the node's signature, as the node sent it (verifiable by anyone).
+    #[serde(flatten)]
+    pub signed: SignedRecord,
+    /// Whether the registry's mutual-TLS hello to the endpoint proved the key.
+    pub reachable: bool,
+}
+
+/// The registry's records.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    postgres: bool,
+}
+
+fn as_i64(v: u64) -> i64 {
+    // Validation refuses values above i64::MAX; saturating keeps a bug from wrapping negative.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn as_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating) the database at `url`: `sqlite:PATH` (the file is created) or
+    /// `postgres://user@host:port/db` (also `?host=/socket/dir`).
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let url = if postgres {
+            url.to_string()
+        } else if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.trim_start_matches("//");
+            format!("sqlite://{path}?mode=rwc")
+        } else {
+            return Err(StoreError::Url(url.to_string()));
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if postgres { 16 } else { 4 })
+            .acquire_timeout(Duration::from_secs(10));
+        let options = if postgres {
+            options
+        } else {
+            options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    // busy_timeout: writers from several pool connections queue rather than fail.
+                    conn.execute(
+                        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+        };
+        let pool = options.connect(&url).await?;
+        for statement in SCHEMA {
+            pool.execute(statement).await?;
+        }
+        Ok(Store { pool, postgres })
+    }
+
+    /// Whether this store is PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// The journal mode SQLite reports (`wal`), or `None` on PostgreSQL.
+    pub async fn journal_mode(&self) -> Result<Option<String>, StoreError> {
+        if self.postgres {
+            return Ok(None);
+        }
+        let row = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(row.try_get::<String, _>(0)?))
+    }
+
+    /// What is stored for `public_key` (including a tombstone), and the key `node_id` is bound
+    /// to: the inputs of [`super::record::validate_write`].
+    pub async fn binding(
+        &self,
+        public_key: &str,
+        node_id: &str,
+    ) -> Result<(Option<Stored>, Option<String>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, public_key, seq, endpoint, reachable, deleted FROM registry_records
+             WHERE public_key = $1 OR node_id = $2",
+        )
+        .bind(public_key)
+        .bind(node_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stored = None;
+        let mut owner = None;
+        for row in rows {
+            let s = Stored {
+                node_id: row.try_get(0)?,
+                public_key: row.try_get(1)?,
+                seq: as_u64(row.try_get(2)?),
+                endpoint: row.try_get(3)?,
+                reachable: row.try_get::<i64, _>(4)? != 0 && row.try_get::<i64, _>(5)? == 0,
+            };
+            if s.node_id == node_id {
+                owner = Some(s.public_key.clone());
+            }
+            if s.public_key == public_key {
+                stored = Some(s);
+            }
+        }
+        Ok((stored, owner))
+    }
+
+    /// Stores a validated record in one transaction, only if its seq is above the stored one
+    /// (a concurrent writer may have won since validation).
+    pub async fn put(
+        &self,
+        signed: &SignedRecord,
+        reachable: bool,
+    ) -> Result<PutOutcome, StoreError> {
+        let r = &signed.record;
+        let mut models: Vec<&str> = r.models.iter().map(String::as_str).collect();
+        models.sort_unstable();
+        models.dedup();
+        let mut tx = self.pool.begin().await?;
+        let upsert = sqlx::query(UPSERT)
+            .bind(&r.public_key)
+            .bind(&r.node_id)
+            .bind(&r.endpoint)
+            .bind(models.join(","))
+            .bind(as_i64(r.seq))
+            .bind(as_i64(r.issued_at))
+            .bind(as_i64(r.expires))
+            .bind(&signed.signature)
+            .bind(i64::from(reachable))
+            .execute(&mut *tx)
+            .await;
+        let done = match upsert {
+            Ok(done) => done,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Ok(PutOutcome::NodeIdTaken)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if done.rows_affected() == 0 {
+            return Ok(PutOutcome::Replay);
+        }
+        sqlx::query("DELETE FROM registry_models WHERE public_key = $1")
+            .bind(&r.public_key)
+            .execute(&mut *tx)
+            .await?;
+        for m in models {
+            sqlx::query("INSERT INTO registry_models (model, public_key) VALUES ($1, $2)")
+                .bind(m)
+                .bind(&r.public_key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(PutOutcome::Stored)
+    }
+
+    /// Stores many records in one transaction (bulk import, benchmarks); records whose seq is
+    /// not above the stored one are skipped. Returns how many were stored.
+    pub async fn put_many(
+        &self,
+        records: &[SignedRecord],
+        reachable: bool,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut stored = 0;
+        for signed in records {
+            let r = &signed.record;
+            let mut models: Vec<&str> = r.models.iter().map(String::as_str).collect();
+            models.sort_unstable();
+            models.dedup();
+            let done = sqlx::query(UPSERT)
+                .bind(&r.public_key)
+                .bind(&r.node_id)
+                .bind(&r.endpoint)
+                .bind(models.join(","))
+                .bind(as_i64(r.seq))
+                .bind(as_i64(r.issued_at))
+                .bind(as_i64(r.expires))
+                .bind(&signed.signature)
+                .bind(i64::from(reachable))
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            stored += 1;
+            sqlx::query("DELETE FROM registry_models WHERE public_key = $1")
+                .bind(&r.public_key)
+                .execute(&mut *tx)
+                .await?;
+            for m in models {
+                sqlx::query("INSERT INTO registry_models (model, public_key) VALUES ($1, $2)")
+                    .bind(m)
+                    .bind(&r.public_key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Replaces the record of `public_key` by a tombstone holding `seq` until `keep_until`, so
+    /// the deleted record vanishes from look-ups and cannot be replayed back. False when a
+    /// concurrent write holds a seq at or above `seq`.
+    pub async fn delete(
+        &self,
+        public_key: &str,
+        seq: u64,
+        keep_until: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE registry_records SET deleted = 1, seq = $2, expires = $3, models = '', endpoint = ''
+             WHERE public_key = $1 AND seq < $2",
+        )
+        .bind(public_key)
+        .bind(as_i64(seq))
+        .bind(as_i64(keep_until))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM registry_models WHERE public_key = $1")
+            .bind(public_key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Removes records (and tombstones) that expired before `now`; returns how many.
+    pub async fn purge_expired(&self, now: u64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM registry_models WHERE public_key IN
+                (SELECT public_key FROM registry_records WHERE expires <= $1)",
+        )
+        .bind(as_i64(now))
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query("DELETE FROM registry_records WHERE expires <= $1")
+            .bind(as_i64(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Listed records (live, not deleted, reachable) after the key `after`, in key order, at
+    /// most `limit` (capped at [`MAX_PAGE`]). Key order is stable across pages and writes.
+    pub async fn list(&self, after: &str, limit: u32, now: u64) -> Result<Vec<Listed>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM registry_records r
+             WHERE r.public_key > $1 AND r.deleted = 0 AND r.reachable = 1 AND r.expires > $2
+             ORDER BY r.public_key LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(as_i64(now))
+            .bind(i64::from(limit.clamp(1, MAX_PAGE)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(listed).collect()
+    }
+
+    /// Listed records advertising `model`, in key order after `after`.
+    pub async fn by_model(
+        &self,
+        model: &str,
+        after: &str,
+        limit: u32,
+        now: u64,
+    ) -> Result<Vec<Listed>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM registry_models m
+             JOIN registry_records r ON r.public_key = m.public_key
+             WHERE m.model = $1 AND m.public_key > $2
+               AND r.deleted = 0 AND r.reachable = 1 AND r.expires > $3
+             ORDER BY m.public_key LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(model)
+            .bind(after)
+            .bind(as_i64(now))
+            .bind(i64::from(limit.clamp(1, MAX_PAGE)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(listed).collect()
+    }
+
+    /// The live record of a key or node id, listed or not (its owner asks for its status; a
+    /// look-up by key tells whether it is reachable).
+    pub async fn get(&self, key_or_id: &str, now: u64) -> Result<Option<Listed>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM registry_records r
+             WHERE (r.public_key = $1 OR r.node_id = $1) AND r.deleted = 0 AND r.expires > $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(key_or_id)
+            .bind(as_i64(now))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(listed).transpose()
+    }
+
+    /// Live records, listed or not (a metric).
+    pub async fn count_live(&self, now: u64) -> Result<u64, StoreError> {
+        let row =
+            sqlx::query("SELECT COUNT(*) FROM registry_records WHERE deleted = 0 AND expires > $1")
+                .bind(as_i64(now))
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(as_u64(row.try_get(0)?))
+    }
+
+    /// Closes the pool (pending writes are committed or rolled back by then).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn listed(row: &AnyRow) -> Result<Listed, StoreError> {
+    let models: String = row.try_get(3)?;
+    Ok(Listed {
+        signed: SignedRecord {
+            record: Record {
+                node_id: row.try_get(0)?,
+                public_key: row.try_get(1)?,
+                endpoint: row.try_get(2)?,
+                models: models
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                seq: as_u64(row.try_get(4)?),
+                issued_at: as_u64(row.try_get(5)?),
+                expires: as_u64(row.try_get(6)?),
+            },
+            signature: row.try_get(7)?,
+        },
+        reachable: row.try_get::<i64, _>(8)? != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::record::{validate_write, Policy, Signer};
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn signed(n: u8, seq: u64, models: &[&str]) -> SignedRecord {
+        let s = Signer::from_seed(&[n; 32]).expect("seed");
+        Record {
+            node_id: format!("node-{n}"),
+            public_key: s.public_key().to_string(),
+            endpoint: format!("127.0.0.{n}:7443"),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            seq,
+            issued_at: NOW,
+            expires: NOW + 600,
+        }
+        .sign(&s)
+    }
+
+    async fn sqlite() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("registry.db").display());
+        let store = Store::open(&url).await.expect("open");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn sqlite_is_in_wal_mode_and_keeps_records_across_reopen() {
+        let (dir, store) = sqlite().await;
+        assert_eq!(
+            store.journal_mode().await.expect("pragma").as_deref(),
+            Some("wal")
+        );
+        let w = signed(1, 1, &["qwen3:8b"]);
+        assert_eq!(store.put(&w, true).await.expect("put"), PutOutcome::Stored);
+        store.close().await;
+        let url = format!("sqlite:{}", dir.path().join("registry.db").display());
+        let again = Store::open(&url).await.expect("reopen");
+        let got = again.get(&w.record.node_id, NOW).await.expect("get");
+        assert_eq!(got.map(|l| l.signed), Some(w));
+    }
+
+    #[tokio::test]
+    async fn writes_keep_seq_monotonic_and_ids_bound_to_one_key() {
+        let (_dir, store) = sqlite().await;
+        let w = signed(1, 5, &["a"]);
+        store.put(&w, true).await.expect("put");
+        assert_eq!(
+            store.put(&w, true).await.expect("same seq"),
+            PutOutcome::Replay
+        );
+        assert_eq!(
+            store.put(&signed(1, 4, &["a"]), true).await.expect("lower"),
+            PutOutcome::Replay
+        );
+        let mut thief = signed(2, 1, &["a"]);
+        thief.record.node_id = "node-1".into();
+        assert_eq!(
+            store.put(&thief, true).await.expect("thief"),
+            PutOutcome::NodeIdTaken
+        );
+        let (stored, owner) = store
+            .binding(&thief.record.public_key, "node-1")
+            .await
+            .expect("b");
+        assert_eq!(stored, None);
+        assert_eq!(owner.as_deref(), Some(w.record.public_key.as_str()));
+        // The stored binding makes validation refuse what the store would refuse.
+        let policy = Policy {
+            allow_private: true,
+            ..Policy::default()
+        };
+        let (stored, owner) = store
+            .binding(&w.record.public_key, "node-1")
+            .await
+            .expect("b");
+        assert_eq!(
+            validate_write(&w, stored.as_ref(), owner.as_deref(), NOW, &policy)
+                .map_err(|e| e.code()),
+            Err("replay")
+        );
+    }
+
+    #[tokio::test]
+    async fn look_ups_page_in_stable_order_by_model_and_hide_the_unlisted() {
+        let (_dir, store) = sqlite().await;
+        for n in 1..=9u8 {
+            let models: &[&str] = if n % 2 == 0 {
+                &["even", "all"]
+            } else {
+                &["all"]
+            };
+            store.put(&signed(n, 1, models), n != 9).await.expect("put");
+        }
+        let mut seen = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = store.list(&after, 3, NOW).await.expect("list");
+            let Some(last) = page.last() else { break };
+            after = last.signed.record.public_key.clone();
+            seen.extend(page.into_iter().map(|l| l.signed.record.node_id));
+        }
+        // Node 9 is unreachable, so not listed.
+        assert_eq!(seen.len(), 8, "{seen:?}");
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8);
+        let even = store
+            .by_model("even", "", 100, NOW)
+            .await
+            .expect("by model");
+        let mut ids: Vec<_> = even
+            .iter()
+            .map(|l| l.signed.record.node_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["node-2", "node-4", "node-6", "node-8"]);
+        assert!(store
+            .by_model("none", "", 100, NOW)
+            .await
+            .expect("none")
+            .is_empty());
+        // Unlisted, but its owner can still read it.
+        let nine = store
+            .get("node-9", NOW)
+            .await
+            .expect("get")
+            .expect("present");
+        assert!(!nine.reachable);
+        // Expired records vanish from look-ups, then purge removes them.
+        assert!(store
+            .list("", 100, NOW + 600)
+            .await
+            .expect("list")
+            .is_empty());
+        assert_eq!(store.purge_expired(NOW + 600).await.expect("purge"), 9);
+        assert_eq!(store.count_live(NOW).await.expect("count"), 0);
+    }
+
+    #[tokio::test]
+    async fn delete_leaves_a_tombstone_that_refuses_replays() {
+        let (_dir, store) = sqlite().await;
+        let w = signed(1, 5, &["a"]);
+        store.put(&w, true).await.expect("put");
+        assert!(!store
+            .delete(&w.record.public_key, 5, NOW + 300)
+            .await
+            .expect("same seq"));
+        assert!(store
+            .delete(&w.record.public_key, 6, NOW + 300)
+            .await
+            .expect("delete"));
+        assert!(store.get("node-1", NOW).await.expect("get").is_none());
+        assert!(store
+            .by_model("a", "", 10, NOW)
+            .await
+            .expect("model")
+            .is_empty());
+        assert_eq!(
+            store.put(&w, true).await.expect("replayed"),
+            PutOutcome::Replay
+        );
+        let (stored, _) = store
+            .binding(&w.record.public_key, "node-1")
+            .await
+            .expect("b");
+        assert_eq!(stored.map(|s| s.seq), Some(6));
+        assert_eq!(
+            store.put(&signed(1, 7, &["b"]), true).await.expect("newer"),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            store.by_model("b", "", 10, NOW).await.expect("model").len(),
+            1
+        );
+    }
+}
