@@ -26,6 +26,7 @@ pub mod health;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod models;
 pub mod peers;
 pub mod relay;
 pub mod routing;
@@ -261,6 +262,18 @@ impl Node {
             metrics.clone(),
             bodies.clone(),
         );
+        let transfer_metrics = crate::models::serve::TransferMetrics::register(&metrics);
+        let weights = Arc::new(crate::models::store::WeightsStore::new(
+            config.backends.iter().map(|b| b.weights.clone()).collect(),
+        ));
+        let model_server = Arc::new(crate::models::serve::ModelServer::new(
+            weights,
+            config.sharing.clone(),
+            peers.clone(),
+            audit.clone(),
+            &metrics,
+            transfer_metrics.clone(),
+        ));
         let mesh = Mesh::new(
             node,
             leaf.identity_pem.clone(),
@@ -269,7 +282,8 @@ impl Node {
             audit,
             metrics.clone(),
             bodies,
-        );
+        )
+        .with_models(model_server);
         // Without mDNS there is no goodbye to wait for at shutdown.
         let background_done = Arc::new(std::sync::atomic::AtomicBool::new(!config.mdns));
         let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {

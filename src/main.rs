@@ -238,6 +238,7 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
                     reserved_local_slots: 1.min(args.backend_max_concurrent - 1),
                     guest_vram_budget_mb: None,
                     model_vram_mb: Default::default(),
+                    weights: Default::default(),
                 })
             })
             .collect::<Result<_, String>>()?;

@@ -103,6 +103,8 @@ pub struct PeerStatus {
     pub grant: u32,
     /// Last error talking to it.
     pub error: Option<String>,
+    /// Models whose weights we may pull from it.
+    pub pullable: Vec<String>,
 }
 
 /// Live state of one approved peer on this node: its concurrency grant and its revocation
