@@ -253,6 +253,23 @@ impl Node {
             audit.clone(),
             metrics.clone(),
         ));
+        let transfer_metrics = crate::models::serve::TransferMetrics::register(&metrics);
+        let puller = Arc::new(crate::models::pull::Puller::new(
+            client.clone(),
+            peers.clone(),
+            Arc::new(Upstream::new(&config.upstream)),
+            crate::models::install::Installer::new(config.backends.clone()),
+            &config.data_dir,
+            config.sharing.clone(),
+            audit.clone(),
+            transfer_metrics.clone(),
+        ));
+        let pull_api = crate::models::api::PullApi::new(
+            puller,
+            &config.backends,
+            bodies.clone(),
+            admin.hosts().clone(),
+        );
         let gateway = Gateway::new(
             node.clone(),
             config,
@@ -261,8 +278,8 @@ impl Node {
             admin,
             metrics.clone(),
             bodies.clone(),
-        );
-        let transfer_metrics = crate::models::serve::TransferMetrics::register(&metrics);
+        )
+        .with_models(Arc::new(pull_api));
         let weights = Arc::new(crate::models::store::WeightsStore::new(
             config.backends.iter().map(|b| b.weights.clone()).collect(),
         ));

@@ -13,6 +13,7 @@
 //! The wire messages are here, typed, as the rest of the mesh protocol is in
 //! [`crate::mesh::protocol`].
 
+pub mod api;
 pub mod cli;
 pub mod install;
 pub mod pull;
