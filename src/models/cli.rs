@@ -16,7 +16,7 @@ use crate::config::UpstreamConfig;
 use crate::upstream::Upstream;
 
 /// How often plain (non-terminal) progress lines are printed.
-const PLAIN_EVERY: Duration = Duration::from_secs(2);
+const PLAIN_EVERY: Duration = Duration::from_secs(1);
 
 fn loopback(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
@@ -116,6 +116,11 @@ impl Progress {
         let mut err = std::io::stderr().lock();
         if let (Some(digest), Some(total)) = (v["digest"].as_str(), v["total"].as_u64()) {
             let completed = v["completed"].as_u64().unwrap_or(0);
+            let layer_total = total;
+            if self.layers.get(digest) == Some(&(total, completed)) && completed == total {
+                // A finished layer is reported once.
+                return;
+            }
             self.layers.insert(digest.to_string(), (total, completed));
             if let Some(peers) = v["arknet"]["peers"].as_object() {
                 for (p, n) in peers {
@@ -157,7 +162,9 @@ impl Progress {
                 let bar: String =
                     "#".repeat(filled.min(width)) + &".".repeat(width - filled.min(width));
                 let _ = write!(err, "\r\x1b[2K[{bar}] {text}");
-            } else if self.last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
+            } else if completed == layer_total
+                || self.last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY)
+            {
                 self.last_plain = Some(Instant::now());
                 let _ = writeln!(err, "progress: {text}");
             }

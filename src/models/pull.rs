@@ -178,6 +178,11 @@ struct LayerJob {
     completed: AtomicU64,
     by_peer: Mutex<BTreeMap<String, u64>>,
     last_error: Mutex<String>,
+    /// Work items being fetched now: a worker that finds the queue empty waits while others
+    /// are busy, since a failing peer puts the rest of its part back.
+    active: std::sync::atomic::AtomicUsize,
+    /// Peers that failed during this pull (they get no further layers).
+    failed: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Puller {
@@ -282,6 +287,7 @@ impl Puller {
             peers: BTreeMap::new(),
             installed: String::new(),
         };
+        let failed = Arc::new(Mutex::new(HashSet::new()));
         let missing = self.missing_bytes(&manifest, &target).await;
         self.check_space(missing)?;
         for layer in &manifest.layers {
@@ -303,7 +309,7 @@ impl Puller {
                 continue;
             }
             let (got, reused) = self
-                .layer(model, &layer.digest, layer.size, &offers, events)
+                .layer(model, &layer.digest, layer.size, &offers, &failed, events)
                 .await?;
             summary.reused += reused;
             for (peer, n) in got {
@@ -399,6 +405,7 @@ impl Puller {
         digest: &str,
         size: u64,
         offers: &[Offer],
+        failed: &Arc<Mutex<HashSet<String>>>,
         events: &mpsc::UnboundedSender<Event>,
     ) -> Result<(BTreeMap<String, u64>, u64), PullError> {
         let hex = digest_hex(digest);
@@ -452,9 +459,15 @@ impl Puller {
             completed: AtomicU64::new(reused),
             by_peer: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(String::new()),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            failed: failed.clone(),
         });
         let mut workers = tokio::task::JoinSet::new();
-        for offer in offers {
+        let dead = failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for offer in offers.iter().filter(|o| !dead.contains(&o.node_id)) {
             let Some(peer) = self.client.pinned_peer(offer.addr, &offer.key) else {
                 continue;
             };
@@ -578,9 +591,15 @@ impl WorkerCtx {
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop_front();
             let Some(work) = next else {
-                return;
+                if self.job.active.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
             };
-            match self.fetch(work).await {
+            self.job.active.fetch_add(1, Ordering::SeqCst);
+            let fetched = self.fetch(work).await;
+            match fetched {
                 Fetch::Done => {}
                 Fetch::Busy => {
                     self.requeue(work);
@@ -597,10 +616,17 @@ impl WorkerCtx {
                     if at < work.to {
                         self.requeue(Work { from: at, ..work });
                     }
-                    // This peer is done for this layer; the others carry on.
+                    self.job
+                        .failed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(self.node_id.clone());
+                    self.job.active.fetch_sub(1, Ordering::SeqCst);
+                    // This peer is done for this pull; the others carry on.
                     return;
                 }
             }
+            self.job.active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
