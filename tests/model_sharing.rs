@@ -87,7 +87,7 @@ fn ollama_model(root: &Path, name: &str, size: u64, seed: u64) -> TestModel {
     random_file(&weights_tmp, size, seed);
     let weights = sha256_of(&weights_tmp);
     std::fs::rename(&weights_tmp, blob_path(root, &weights)).expect("rename");
-    let mut small = |content: &[u8]| {
+    let small = |content: &[u8]| {
         let tmp = blobs.join("tmp-small");
         std::fs::write(&tmp, content).expect("write");
         let d = sha256_of(&tmp);
