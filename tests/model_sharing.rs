@@ -889,3 +889,44 @@ fn a_real_gguf_moves_from_b_s_llama_server_to_a_and_answers_a_chat_there() {
     eprintln!("A's own llama-server, with the pulled model, answers: {answer:?}");
     assert!(!answer.trim().is_empty());
 }
+
+#[test]
+fn a_gguf_that_cannot_be_placed_is_a_clear_error_and_stays_verified_for_the_next_try() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("tiny.gguf");
+    random_file(&file, 4 * MB, 37);
+    let digest = sha256_of(&file);
+    let fake_b = FakeBackend::start_in_thread(
+        std::net::IpAddr::V4(loopback_ip()),
+        FakeConfig::openai(&["tiny"]),
+    );
+    let b = NodeProc::start(&NodeSpec::with_backend(
+        BackendSpec::openai(fake_b.url()).toml(&format!(
+            "gguf = {{ \"tiny\" = {:?} }}",
+            file.display().to_string()
+        )),
+    ));
+    let fake_a =
+        FakeBackend::start_in_thread(std::net::IpAddr::V4(loopback_ip()), FakeConfig::openai(&[]));
+    // /proc refuses new directories, for root too.
+    let denied = "/proc/arknet-denied/tiny.gguf";
+    let a = NodeProc::start(&NodeSpec::with_backend(
+        BackendSpec::openai(fake_a.url()).toml(&format!("gguf = {{ \"tiny\" = {denied:?} }}")),
+    ));
+    allow_pulls(&b, &a, &["tiny"], true);
+    allow_pulls(&a, &b, &[], false);
+    wait_offer(&a, &b, "tiny");
+    let (status, body) = api_pull(a.api, &json!({"model": "tiny", "stream": false}));
+    assert_eq!(status, 502, "{body}");
+    let error = body["error"].as_str().expect("error");
+    assert!(error.contains("/proc/arknet-denied"), "{error}");
+    let kept = a
+        .data_dir
+        .join("pulls")
+        .join(format!("{}.blob", &digest["sha256:".len()..]));
+    assert_eq!(sha256_of(&kept), digest, "the verified layer is kept");
+    // The next try needs no download; it fails the same clear way.
+    let (status, body) = api_pull(a.api, &json!({"model": "tiny", "stream": false}));
+    assert_eq!(status, 502, "{body}");
+    assert!(!Path::new(denied).exists());
+}

@@ -156,6 +156,21 @@ pub struct Puller {
     running: Mutex<HashSet<String>>,
 }
 
+/// Marks a model as being pulled until dropped.
+struct Running<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    model: &'a str,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.model);
+    }
+}
+
 /// One unit of work: bytes `from..to` of part `idx`.
 #[derive(Debug, Clone, Copy)]
 struct Work {
@@ -256,12 +271,13 @@ impl Puller {
         {
             return Err(PullError::Busy(model.to_string()));
         }
-        let result = self.pull_inner(model, offers, &events).await;
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(model);
-        result
+        // Cleared on drop: a pull whose client left is cancelled mid-await, and the model
+        // must be pullable again afterwards.
+        let _running = Running {
+            set: &self.running,
+            model,
+        };
+        self.pull_inner(model, offers, &events).await
     }
 
     async fn pull_inner(
@@ -467,6 +483,10 @@ impl Puller {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        *job.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            "no peer left to ask (their identity is learnt by hello)".to_string();
         for offer in offers.iter().filter(|o| !dead.contains(&o.node_id)) {
             let Some(peer) = self.client.pinned_peer(offer.addr, &offer.key) else {
                 continue;
