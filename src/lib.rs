@@ -6,7 +6,8 @@
 //! learns what the backends serve. A local client request enters [`gateway`], a peer's enters
 //! [`mesh`] (mutual TLS, [`mesh::authz`]); both are served by [`relay`], which asks [`routing`]
 //! where to go and talks through [`upstream`]. [`session`] and [`error`] shape what clients
-//! see; [`metrics`] counts it all. [`Node`] wires these together and hands them to Pingora; it
+//! see; [`metrics`] counts it all. [`models`] shares model weights with peers allowed to pull
+//! them (mesh side) and pulls them from peers (`POST /api/pull`). [`Node`] wires these together and hands them to Pingora; it
 //! holds no logic of its own.
 
 #![forbid(unsafe_code)]

@@ -6,6 +6,7 @@
 //! TLS identity (tls.rs) -> approved key? (authz::admit, 403; unknown keys become pending)
 //!   GET  /mesh/v1/hello            -> who we are, models shared with you, your free slots
 //!   GET  /v1/models, /api/tags     -> only the models shared with you
+//!   GET  /mesh/v1/models/*         -> may pull this model? (403) -> models::serve
 //!   POST model routes -> may infer? (403) -> body (413/400) -> model shared? (403)
 //!                     -> peer slot (429) -> local relay, ended at once if the peer is revoked
 //! ```
