@@ -930,3 +930,38 @@ fn a_gguf_that_cannot_be_placed_is_a_clear_error_and_stays_verified_for_the_next
     assert_eq!(status, 502, "{body}");
     assert!(!Path::new(denied).exists());
 }
+
+#[test]
+fn transfers_are_paced_per_peer_and_capped_at_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let source = dir.path().join("b-models");
+    let model = ollama_model(&source, "m", 3 * MB, 41);
+    let (_fake_b, b) = node(
+        Some(&source),
+        &dir.path().join("b-blobs"),
+        "max_transfers = 1\npeer_rate_mb_per_sec = 1",
+    );
+    let (_fake_a, a) = node(None, &dir.path().join("a-blobs"), "");
+    allow_pulls(&b, &a, &["m"], true);
+    let as_a = support::mesh::As::node(&a).expect("A identity");
+    let path = format!("/mesh/v1/models/blob?model=m&digest={}", model.weights);
+    let mesh = b.mesh;
+    let (who, p) = (as_a.clone(), path.clone());
+    let started = Instant::now();
+    let first = std::thread::spawn(move || mesh_range(mesh, &who, &p, "bytes=0-"));
+    std::thread::sleep(Duration::from_millis(500));
+    // The one transfer slot is taken: the second gets 429 with Retry-After.
+    let (status, body) = support::mesh::call(b.mesh, Some(&as_a), "GET", &path, None);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too_many_transfers"), "{body}");
+    let (status, len, _) = first.join().expect("first transfer");
+    let took = started.elapsed();
+    assert_eq!((status, len as u64), (206, 3 * MB));
+    // 3 MB at 1 MB/s: the cap holds (a lower bound, not a speed claim).
+    assert!(
+        took >= Duration::from_millis(2500),
+        "3 MB in {took:?} at a 1 MB/s cap"
+    );
+    let refused = metric(&b, "arknet_mesh_refused_total{reason=\"transfer_limit\"}");
+    assert_eq!(refused, 1.0);
+}
