@@ -628,6 +628,17 @@ fn the_mesh_routes_refuse_before_touching_files_and_never_leave_the_models_dir()
     assert!(body.contains("pulls_not_permitted"), "{body}");
     let (status, _) = call(&as_c, &blob("m", &model.weights));
     assert_eq!(status, 403);
+    let c_id = c.node_id();
+    let audit = b.get("/audit?limit=100").json();
+    let refused = audit["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["peer"] == c_id.as_str() && e["status"] == 403 && e["error"] == "pulls_not_permitted"
+        })
+        .count();
+    assert_eq!(refused, 2, "refusals are audited: {audit}");
     let (status, body) = call(&as_a, &manifest("other"));
     assert_eq!(
         (status, body.contains("model_not_shared")),

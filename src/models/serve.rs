@@ -254,9 +254,22 @@ impl ModelServer {
         };
         // Who may pull what is decided before anything on disk is looked at.
         if let Err(denied) = authz::may_pull(peer, &model) {
+            let (started, started_at) = (Instant::now(), SystemTime::now());
             self.refused.with_label_values(&[denied.code()]).inc();
             let e = ApiError::forbidden(denied.code(), denied.to_string());
             let mut out = reply_error(s, Dialect::OpenAi, &e).await;
+            // Refusals are audited like every peer request (DESIGN §4).
+            let error = Some(denied.code().to_string());
+            self.record(
+                peer,
+                &model,
+                403,
+                0,
+                error,
+                started,
+                started_at,
+                Direction::Inbound,
+            );
             out.model = Some(model);
             return out;
         }
