@@ -334,6 +334,7 @@ async fn peer_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
                 "latency_ms": status.latency_ms,
                 "models_shared_with_us": status.models,
                 "models_we_share": p.permissions.models_shared,
+                "models_pullable_by_us": status.pullable,
                 "in_flight": runtime.as_ref().map_or(0, |r| r.in_flight()),
                 "max_concurrent_requests": p.permissions.max_concurrent_requests,
                 "error": status.error,

@@ -64,6 +64,9 @@ pub struct AuditRecord {
     pub ttft_ms: Option<f64>,
     /// Milliseconds to the end of the response.
     pub latency_ms: f64,
+    /// Model weight bytes moved, for model transfers (pulls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 /// Append-only writer with size rotation and a window of recent entries.
@@ -177,6 +180,7 @@ mod tests {
             claim_refused: false,
             ttft_ms: Some(1.5),
             latency_ms: 9.0,
+            bytes: None,
         }
     }
 

@@ -159,6 +159,7 @@ struct FileConfig {
     discovery: FileDiscovery,
     upstream: FileUpstream,
     backends: Option<Vec<FileBackend>>,
+    models: crate::models::FileSharing,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +269,7 @@ impl Default for FileConfig {
             discovery: FileDiscovery::default(),
             upstream: FileUpstream::default(),
             backends: None,
+            models: crate::models::FileSharing::default(),
         }
     }
 }
@@ -347,6 +349,12 @@ struct FileBackend {
     guest_vram_budget_mb: Option<u64>,
     #[serde(default)]
     model_vram_mb: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    models_dir: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    gguf: std::collections::BTreeMap<String, crate::models::OneOrMany>,
+    #[serde(default)]
+    gguf_dir: Option<Spanned<PathBuf>>,
 }
 
 fn default_reserved_local_slots() -> Spanned<usize> {
@@ -387,6 +395,8 @@ pub struct BackendConfig {
     pub guest_vram_budget_mb: Option<u64>,
     /// Static model sizes (MB) for backends that cannot report them (OpenAI-compatible ones).
     pub model_vram_mb: std::collections::BTreeMap<String, u64>,
+    /// Where its weights live, for model sharing (`models_dir`, `gguf`, `gguf_dir`).
+    pub weights: crate::models::Weights,
 }
 
 /// Timeouts and pool settings for talking to backends.
@@ -464,6 +474,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The node's own model servers, in preference order.
     pub backends: Vec<BackendConfig>,
+    /// Model sharing: transfer caps, pull parts (`[models]`).
+    pub sharing: crate::models::SharingConfig,
 }
 
 impl Default for Config {
@@ -545,6 +557,9 @@ impl Config {
                 reserved_local_slots: default_reserved_local_slots(),
                 guest_vram_budget_mb: None,
                 model_vram_mb: Default::default(),
+                models_dir: None,
+                gguf: Default::default(),
+                gguf_dir: None,
             }]
         });
         let mut names = HashSet::new();
@@ -569,7 +584,10 @@ impl Config {
                     ),
                 ));
             }
+            let weights = backend_weights(b.kind, &span, b.models_dir, b.gguf, b.gguf_dir)
+                .map_err(|(key, span, message)| invalid(key, Some(span), message))?;
             backends.push(BackendConfig {
+                weights,
                 name,
                 kind: b.kind,
                 url: b.url,
@@ -580,6 +598,13 @@ impl Config {
                 model_vram_mb: b.model_vram_mb,
             });
         }
+        let sharing = file.models.validate().map_err(|(key, message)| {
+            let field = key.rsplit('.').next().unwrap_or(key);
+            let at = text
+                .find(&format!("{field} "))
+                .or_else(|| text.find(&format!("{field}=")));
+            invalid(key, at.map(|a| a..a), message)
+        })?;
         let u = file.upstream;
         let r = &file.discovery.registry;
         let registry = if r.enabled {
@@ -629,6 +654,7 @@ impl Config {
             None
         };
         Ok(Config {
+            sharing,
             node_id: file.node_id.map(Spanned::into_inner),
             data_dir: file
                 .data_dir
@@ -676,6 +702,59 @@ impl Config {
             backends,
         })
     }
+}
+
+/// A backend's weight locations, checked against its kind: `(key, span, message)` on error.
+fn backend_weights(
+    kind: BackendKind,
+    name_span: &std::ops::Range<usize>,
+    models_dir: Option<Spanned<PathBuf>>,
+    gguf: std::collections::BTreeMap<String, crate::models::OneOrMany>,
+    gguf_dir: Option<Spanned<PathBuf>>,
+) -> Result<crate::models::Weights, (&'static str, std::ops::Range<usize>, String)> {
+    if let Some(dir) = &models_dir {
+        if kind != BackendKind::Ollama {
+            return Err((
+                "backends.models_dir",
+                dir.span(),
+                "only an ollama backend has a models dir; give an openai backend `gguf = { \"model\" = \"/path/file.gguf\" }`".into(),
+            ));
+        }
+        if dir.get_ref().as_os_str().is_empty() {
+            return Err((
+                "backends.models_dir",
+                dir.span(),
+                "must not be empty".into(),
+            ));
+        }
+    }
+    if kind == BackendKind::Ollama && (!gguf.is_empty() || gguf_dir.is_some()) {
+        return Err((
+            "backends.gguf",
+            gguf_dir.as_ref().map_or(name_span.clone(), Spanned::span),
+            "`gguf` and `gguf_dir` are for openai backends (llama.cpp); an ollama backend has `models_dir`".into(),
+        ));
+    }
+    let mut map = std::collections::BTreeMap::new();
+    for (model, files) in gguf {
+        let files = files.into_vec();
+        if model.trim().is_empty()
+            || files.is_empty()
+            || files.iter().any(|f| f.as_os_str().is_empty())
+        {
+            return Err((
+                "backends.gguf",
+                name_span.clone(),
+                format!("`{model}`: a model name and at least one non-empty file path"),
+            ));
+        }
+        map.insert(model, files);
+    }
+    Ok(crate::models::Weights {
+        models_dir: models_dir.map(Spanned::into_inner),
+        gguf: map,
+        gguf_dir: gguf_dir.map(Spanned::into_inner),
+    })
 }
 
 /// Node ids appear in mDNS instance names, logs and file names: keep them boring.
@@ -776,6 +855,31 @@ mod tests {
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.backends[0].kind, BackendKind::Ollama);
         assert_eq!(c.backends[0].url.addr.to_string(), "127.0.0.1:11434");
+    }
+
+    #[test]
+    fn weights_keys_fit_the_backend_kind() {
+        let c = parse(
+            "[[backends]]\nname = \"o\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\nmodels_dir = \"/m\"\n\n[[backends]]\nname = \"l\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:2\"\ngguf = { \"tiny\" = \"/g/t.gguf\", \"two\" = [\"/a\", \"/b\"] }\ngguf_dir = \"/g\"\n\n[models]\nmax_transfers = 2\npeer_rate_mb_per_sec = 10\n",
+        )
+        .expect("valid");
+        assert_eq!(c.backends[0].weights.models_dir, Some(PathBuf::from("/m")));
+        assert_eq!(c.backends[1].weights.gguf["two"].len(), 2);
+        assert_eq!(c.sharing.max_transfers, 2);
+        assert_eq!(c.sharing.peer_rate, Some(10_000_000));
+        let (line, key, message) = invalid(
+            "[[backends]]\nname = \"l\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:2\"\nmodels_dir = \"/m\"\n",
+        );
+        assert_eq!((line, key.as_str()), (5, "backends.models_dir"));
+        assert!(message.contains("gguf"), "{message}");
+        let (_, key, _) = invalid(
+            "[[backends]]\nname = \"o\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:2\"\ngguf_dir = \"/m\"\n",
+        );
+        assert_eq!(key, "backends.gguf");
+        let (line, key, _) = invalid("[models]\n\nmax_transfers = 0\n");
+        assert_eq!((line, key.as_str()), (3, "models.max_transfers"));
+        let (_, key, _) = invalid("[models]\nbogus = 1\n");
+        assert_eq!(key, "models.bogus");
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub struct Gateway {
     admin: Admin,
     metrics: Arc<Metrics>,
     hosts: HostPolicy,
+    models: Option<Arc<crate::models::api::PullApi>>,
 }
 
 #[async_trait]
@@ -69,6 +70,14 @@ impl Handler for Gateway {
             false => Err(ApiError::misdirected(host.unwrap_or_default())),
         }
         .and_then(|e| self.same_site_or_safe(s, e));
+        if let Some(models) = self.models.as_ref().filter(|_| {
+            path == crate::models::api::PULL_PATH && matches!(&endpoint, Err(e) if e.status == 404)
+        }) {
+            let outcome = models.serve(s).await;
+            self.record(crate::models::api::PULL_PATH, &outcome, started);
+            self.metrics.in_flight.dec();
+            return outcome.reusable;
+        }
         let outcome = match endpoint {
             Err(e) => reply_error(s, dialect, &e).await,
             Ok(Endpoint::Admin) => self.admin.serve(s, &path).await,
@@ -122,7 +131,14 @@ impl Gateway {
             grid,
             admin,
             metrics,
+            models: None,
         }
+    }
+
+    /// Serves `POST /api/pull` from the grid when a peer offers the model (model sharing).
+    pub fn with_models(mut self, models: Arc<crate::models::api::PullApi>) -> Self {
+        self.models = Some(models);
+        self
     }
 
     /// A browser may only send requests with effects (any method but GET and HEAD) from the

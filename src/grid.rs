@@ -528,6 +528,7 @@ pub fn record_peer_request(
             .first_byte
             .map(|t| t.duration_since(started).as_secs_f64() * 1000.0),
         latency_ms: elapsed.as_secs_f64() * 1000.0,
+        bytes: None,
     });
 }
 

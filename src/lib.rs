@@ -6,7 +6,8 @@
 //! learns what the backends serve. A local client request enters [`gateway`], a peer's enters
 //! [`mesh`] (mutual TLS, [`mesh::authz`]); both are served by [`relay`], which asks [`routing`]
 //! where to go and talks through [`upstream`]. [`session`] and [`error`] shape what clients
-//! see; [`metrics`] counts it all. [`Node`] wires these together and hands them to Pingora; it
+//! see; [`metrics`] counts it all. [`models`] shares model weights with peers allowed to pull
+//! them (mesh side) and pulls them from peers (`POST /api/pull`). [`Node`] wires these together and hands them to Pingora; it
 //! holds no logic of its own.
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod health;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod models;
 pub mod peers;
 pub mod registry;
 pub mod relay;
@@ -258,6 +260,23 @@ impl Node {
             audit.clone(),
             metrics.clone(),
         ));
+        let transfer_metrics = crate::models::serve::TransferMetrics::register(&metrics);
+        let puller = Arc::new(crate::models::pull::Puller::new(
+            client.clone(),
+            peers.clone(),
+            Arc::new(Upstream::new(&config.upstream)),
+            crate::models::install::Installer::new(config.backends.clone()),
+            &config.data_dir,
+            config.sharing.clone(),
+            audit.clone(),
+            transfer_metrics.clone(),
+        ));
+        let pull_api = crate::models::api::PullApi::new(
+            puller,
+            &config.backends,
+            bodies.clone(),
+            admin.hosts().clone(),
+        );
         let gateway = Gateway::new(
             node.clone(),
             config,
@@ -266,7 +285,19 @@ impl Node {
             admin,
             metrics.clone(),
             bodies.clone(),
-        );
+        )
+        .with_models(Arc::new(pull_api));
+        let weights = Arc::new(crate::models::store::WeightsStore::new(
+            config.backends.iter().map(|b| b.weights.clone()).collect(),
+        ));
+        let model_server = Arc::new(crate::models::serve::ModelServer::new(
+            weights,
+            config.sharing.clone(),
+            peers.clone(),
+            audit.clone(),
+            &metrics,
+            transfer_metrics.clone(),
+        ));
         let mesh = Mesh::new(
             node,
             leaf.identity_pem.clone(),
@@ -275,7 +306,8 @@ impl Node {
             audit,
             metrics.clone(),
             bodies,
-        );
+        )
+        .with_models(model_server);
         // Without mDNS there is no goodbye to wait for at shutdown.
         let background_done = Arc::new(std::sync::atomic::AtomicBool::new(!config.mdns));
         let mdns = config.mdns.then(|| crate::discovery::mdns::MdnsDiscovery {

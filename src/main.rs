@@ -54,6 +54,16 @@ enum Command {
         #[command(subcommand)]
         action: RegistryAction,
     },
+    /// Model sharing: pull a model's weights from approved peers, list what they offer.
+    Models {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The node's API address [default: `api.listen` from the config].
+        #[arg(long, global = true)]
+        api: Option<std::net::SocketAddr>,
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +93,21 @@ struct RegistryNodeArgs {
     /// CA certificates (PEM) that issued the registry's certificate [default: the system's].
     #[arg(long)]
     ca_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Pull MODEL from the approved peers that offer it (verified, resumable) and install it
+    /// into this node's backend.
+    Pull {
+        /// The model, as the peers share it.
+        model: String,
+        /// Only from this peer (node id).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// This node's models, and which peers offer which for pulling.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +230,38 @@ fn main() -> ExitCode {
             action,
         } => peers(&config, api, action),
         Command::Registry { action } => registry(action),
+        Command::Models {
+            config,
+            api,
+            action,
+        } => models(&config, api, action),
+    }
+}
+
+fn models(args: &ConfigArgs, api: Option<std::net::SocketAddr>, action: ModelsAction) -> ExitCode {
+    let config = match load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("arknet: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let api = api.unwrap_or(config.api_listen);
+    let result = match action {
+        ModelsAction::Pull { model, from } => {
+            arknet::models::cli::pull(api, &model, from.as_deref())
+        }
+        ModelsAction::List => {
+            let token = std::fs::read_to_string(config.admin_token_path()).ok();
+            arknet::models::cli::list(api, token.as_deref())
+        }
+    };
+    match result {
+        Ok(text) => print_out(&text),
+        Err(e) => {
+            eprintln!("arknet: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -273,6 +330,7 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> Result<(), String
                     reserved_local_slots: 1.min(args.backend_max_concurrent - 1),
                     guest_vram_budget_mb: None,
                     model_vram_mb: Default::default(),
+                    weights: Default::default(),
                 })
             })
             .collect::<Result<_, String>>()?;

@@ -6,6 +6,7 @@
 //! TLS identity (tls.rs) -> approved key? (authz::admit, 403; unknown keys become pending)
 //!   GET  /mesh/v1/hello            -> who we are, models shared with you, your free slots
 //!   GET  /v1/models, /api/tags     -> only the models shared with you
+//!   GET  /mesh/v1/models/*         -> may pull this model? (403) -> models::serve
 //!   POST model routes -> may infer? (403) -> body (413/400) -> model shared? (403)
 //!                     -> peer slot (429) -> local relay, ended at once if the peer is revoked
 //! ```
@@ -53,6 +54,7 @@ pub struct Mesh {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     bodies: BodyLimits,
+    models: Option<Arc<crate::models::serve::ModelServer>>,
 }
 
 #[async_trait]
@@ -101,6 +103,13 @@ impl Handler for Mesh {
                 return outcome.reusable;
             }
         };
+        if let Some(models) = self
+            .models
+            .as_ref()
+            .filter(|_| path.starts_with(crate::models::MESH_PREFIX))
+        {
+            return models.serve(s, peer, &path).await.reusable;
+        }
         if path == HELLO_PATH {
             let hello = self.hello(peer).await;
             return reply_typed(s, 200, &hello).await.reusable;
@@ -157,7 +166,14 @@ impl Mesh {
             audit,
             metrics,
             bodies,
+            models: None,
         }
+    }
+
+    /// Serves shared models' weights to peers allowed to pull them (`/mesh/v1/models/*`).
+    pub fn with_models(mut self, models: Arc<crate::models::serve::ModelServer>) -> Self {
+        self.models = Some(models);
+        self
     }
 
     /// An approved peer's model request.
@@ -268,6 +284,7 @@ impl Mesh {
             claim_refused: false,
             ttft_ms: None,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            bytes: None,
         });
     }
 
@@ -330,6 +347,10 @@ impl Mesh {
             identity_cert: self.identity_pem.clone(),
             you: YourGrant { grant, in_flight },
             models,
+            pullable: self
+                .models
+                .as_ref()
+                .map_or_else(Vec::new, |m| m.pullable_by(peer)),
         }
     }
 }

@@ -202,6 +202,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for metrics a module declares next to its code (model sharing).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 * 1024);

@@ -23,6 +23,9 @@ pub enum Denied {
     /// The model is not shared with this peer.
     #[error("model \"{0}\" is not shared with you")]
     ModelNotShared(String),
+    /// Approved, but not allowed to pull model weights.
+    #[error("your approval does not include pulling models")]
+    NoPulls,
 }
 
 impl Denied {
@@ -33,6 +36,7 @@ impl Denied {
             Denied::Unknown => "peer_not_approved",
             Denied::NoInference => "inference_not_permitted",
             Denied::ModelNotShared(_) => "model_not_shared",
+            Denied::NoPulls => "pulls_not_permitted",
         }
     }
 }
@@ -69,6 +73,22 @@ pub fn may_infer(peer: &ApprovedPeer) -> Result<(), Denied> {
 /// May this approved peer run `model`?
 pub fn authorize(peer: &ApprovedPeer, model: &str) -> Result<Permit, Denied> {
     may_infer(peer)?;
+    if !shares(peer, model) {
+        return Err(Denied::ModelNotShared(model.to_string()));
+    }
+    Ok(Permit {
+        key: peer.public_key,
+        node_id: peer.node_id.clone(),
+        model: model.to_string(),
+    })
+}
+
+/// May this approved peer pull the weights of `model`? Only with `can_pull_models` and only
+/// for a model in its `models_shared`; decided before any file is looked at.
+pub fn may_pull(peer: &ApprovedPeer, model: &str) -> Result<Permit, Denied> {
+    if !peer.permissions.can_pull_models {
+        return Err(Denied::NoPulls);
+    }
     if !shares(peer, model) {
         return Err(Denied::ModelNotShared(model.to_string()));
     }
@@ -139,6 +159,30 @@ mod tests {
             authorize(dave, "mistral").err(),
             Some(Denied::ModelNotShared("mistral".into()))
         );
+    }
+
+    #[test]
+    fn pulls_need_the_permission_and_a_shared_model() {
+        let mut a = approvals();
+        let key = PublicKey::from_bytes([1; 32]);
+        let dave = admit(&a, Some(&key)).expect("approved");
+        assert_eq!(may_pull(dave, "llama3.1:8b").err(), Some(Denied::NoPulls));
+        a.file.peers[0].permissions.can_pull_models = true;
+        let dave = admit(&a, Some(&key)).expect("approved");
+        assert_eq!(
+            may_pull(dave, "llama3.1:8b").expect("shared").node_id,
+            "dave"
+        );
+        assert!(may_pull(dave, "qwen:latest").is_ok());
+        assert_eq!(
+            may_pull(dave, "mistral").err(),
+            Some(Denied::ModelNotShared("mistral".into()))
+        );
+        // Pulling does not need inference permission, nor does it grant it.
+        a.file.peers[0].permissions.can_request_inference = false;
+        let dave = admit(&a, Some(&key)).expect("approved");
+        assert!(may_pull(dave, "qwen").is_ok());
+        assert_eq!(may_infer(dave).err(), Some(Denied::NoInference));
     }
 
     #[test]

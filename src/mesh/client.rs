@@ -60,6 +60,8 @@ pub struct Hello {
     pub grant: u32,
     /// Round trip of the pinned request.
     pub latency: Duration,
+    /// Models whose weights we may pull from it.
+    pub pullable: Vec<String>,
 }
 
 /// The longest a hello may take, from connect to the last byte of the answer.
@@ -149,6 +151,7 @@ impl MeshClient {
                 approved_us: true,
                 grant: answer.you.grant,
                 latency,
+                pullable: answer.pullable,
             }),
             protocol::Hello::NotApproved(stranger) => Ok(Hello {
                 key,
@@ -157,6 +160,7 @@ impl MeshClient {
                 approved_us: false,
                 grant: 0,
                 latency,
+                pullable: Vec::new(),
             }),
         }
     }
@@ -409,6 +413,7 @@ impl MeshPoller {
                 status.latency_ms = Some(h.latency.as_secs_f64() * 1000.0);
                 status.models = h.models;
                 status.grant = h.grant;
+                status.pullable = h.pullable;
                 status.error = (!h.approved_us).then(|| HelloError::NotApproved.to_string());
             }
             Err(e) => {

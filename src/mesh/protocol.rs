@@ -83,6 +83,9 @@ pub struct HelloAnswer {
     /// The models it shares with the asking node.
     #[serde(default)]
     pub models: Vec<SharedModel>,
+    /// The models whose weights the asking node may pull from it (`can_pull_models`).
+    #[serde(default)]
+    pub pullable: Vec<String>,
 }
 
 /// `GET /mesh/v1/hello`, 403: the key is not approved; who the node is, so that the stranger's
@@ -218,6 +221,7 @@ mod tests {
                 loaded: true,
                 dialects: vec!["ollama".into()],
             }],
+            pullable: vec!["m".into()],
         }
     }
 

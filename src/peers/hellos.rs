@@ -25,6 +25,8 @@ pub struct PeerStatus {
     pub grant: u32,
     /// Last error talking to it.
     pub error: Option<String>,
+    /// Models whose weights we may pull from it.
+    pub pullable: Vec<String>,
 }
 
 /// The last hello result of every peer we said hello to.

@@ -87,6 +87,9 @@ pub struct FakeConfig {
     /// content type, a cookie for the node's origin, CORS grants, a redirect) and claim
     /// [`HOSTILE_TOKENS`] prompt and generated tokens.
     pub hostile: bool,
+    /// Where `POST /api/blobs/:digest` keeps uploaded blobs (`sha256-<hex>`); `None`: they are
+    /// checked and counted, not kept.
+    pub blob_dir: Option<std::path::PathBuf>,
 }
 
 /// Headers a hostile backend adds to its inference answers.
@@ -116,7 +119,13 @@ impl FakeConfig {
             embedding_dim: 8,
             loaded: None,
             hostile: false,
+            blob_dir: None,
         }
+    }
+    /// Keep uploaded blobs in `dir` (see [`FakeConfig::blob_dir`]).
+    pub fn blob_dir(mut self, dir: &std::path::Path) -> Self {
+        self.blob_dir = Some(dir.to_path_buf());
+        self
     }
     pub fn hostile(mut self) -> Self {
         self.hostile = true;
@@ -304,6 +313,24 @@ impl FakeBackend {
         self.shared.conns.lock().next_id
     }
 
+    /// Blobs received by `POST /api/blobs/:digest` and verified: digest -> size.
+    pub fn blobs(&self) -> HashMap<String, u64> {
+        self.shared
+            .blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Models made by `POST /api/create`: name -> the request body.
+    pub fn created(&self) -> Vec<(String, Value)> {
+        self.shared
+            .created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Change the status override while running (`None` answers normally again).
     pub fn set_status_override(&self, status: Option<u16>) {
         self.shared
@@ -351,6 +378,8 @@ async fn launch_on(
         seq: AtomicU64::new(0),
         recorded: Mutex::new(Vec::new()),
         conns: Arc::new(Conns::default()),
+        blobs: Mutex::new(HashMap::new()),
+        created: Mutex::new(Vec::new()),
     });
     let listener = TrackedListener {
         listener,
@@ -358,6 +387,12 @@ async fn launch_on(
     };
     let hostile = shared.config.hostile;
     let router = Router::new()
+        .route(
+            "/api/blobs/{digest}",
+            axum::routing::post(blob_upload).head(blob_head),
+        )
+        .route("/api/create", axum::routing::post(create_model))
+        .route("/api/pull", axum::routing::post(registry_pull))
         .fallback(handle)
         .layer(axum::middleware::map_response(
             move |mut rsp: Response| async move {
@@ -392,6 +427,145 @@ struct Shared {
     seq: AtomicU64,
     recorded: Mutex<Vec<Recorded>>,
     conns: Arc<Conns>,
+    blobs: Mutex<HashMap<String, u64>>,
+    created: Mutex<Vec<(String, Value)>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ollama's model-creation API, as documented: `HEAD /api/blobs/:digest` (200 when the server
+// has it, 404 otherwise), `POST /api/blobs/:digest` (the file as body; 201, or 400 when its
+// sha256 is not the digest), `POST /api/create` (`files`: name -> digest of an uploaded blob).
+// ---------------------------------------------------------------------------------------------
+
+async fn blob_head(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+) -> StatusCode {
+    let has = shared
+        .blobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&digest);
+    if has {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+async fn blob_upload(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    body: Body,
+) -> Response {
+    use tokio_stream::StreamExt;
+    let Some(hex) = digest.strip_prefix("sha256:").filter(|h| h.len() == 64) else {
+        return ollama_error(StatusCode::BAD_REQUEST, "invalid digest format");
+    };
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut size = 0u64;
+    let tmp = shared.config.blob_dir.as_ref().map(|d| {
+        d.join(format!(
+            "upload-{hex}-{}",
+            shared.seq.fetch_add(1, Ordering::SeqCst)
+        ))
+    });
+    let mut file = match &tmp {
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => return ollama_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        None => None,
+    };
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return ollama_error(StatusCode::BAD_REQUEST, "body broke off");
+        };
+        ctx.update(&chunk);
+        size += chunk.len() as u64;
+        if let Some(f) = file.as_mut() {
+            use std::io::Write;
+            if let Err(e) = f.write_all(&chunk) {
+                return ollama_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+            }
+        }
+    }
+    let got: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if got != hex {
+        if let Some(p) = &tmp {
+            let _ = std::fs::remove_file(p);
+        }
+        return ollama_error(StatusCode::BAD_REQUEST, "digest mismatch");
+    }
+    if let (Some(p), Some(dir)) = (&tmp, &shared.config.blob_dir) {
+        let _ = std::fs::rename(p, dir.join(format!("sha256-{hex}")));
+    }
+    shared
+        .blobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(digest, size);
+    respond(StatusCode::CREATED, "text/plain", "")
+}
+
+/// `POST /api/pull` as a local Ollama answers it from its registry (here: nothing is fetched;
+/// the lines say who answered, so a test can tell a pass-through from a grid pull).
+async fn registry_pull(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    shared.recorded().push(Recorded {
+        method: "POST".into(),
+        path: "/api/pull".into(),
+        query: None,
+        headers: Vec::new(),
+        body: body.clone(),
+    });
+    let lines =
+        "{\"status\":\"pulling manifest from the fake registry\"}\n{\"status\":\"success\"}\n";
+    respond(StatusCode::OK, "application/x-ndjson", lines)
+}
+
+async fn create_model(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return ollama_error(StatusCode::BAD_REQUEST, "invalid JSON");
+    };
+    let Some(model) = req["model"].as_str().filter(|m| !m.is_empty()) else {
+        return ollama_error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    let files = req["files"].as_object().cloned().unwrap_or_default();
+    if files.is_empty() {
+        return ollama_error(
+            StatusCode::BAD_REQUEST,
+            "neither 'from' or 'files' was specified",
+        );
+    }
+    {
+        let blobs = shared.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, digest) in &files {
+            let known = digest.as_str().is_some_and(|d| blobs.contains_key(d));
+            if !known {
+                return ollama_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("file {name}: blob {digest} not found; push it with /api/blobs first"),
+                );
+            }
+        }
+    }
+    shared
+        .created
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((model.to_string(), req.clone()));
+    if req["stream"] == false {
+        ollama_json(StatusCode::OK, &json!({"status": "success"}))
+    } else {
+        let lines = "{\"status\":\"parsing GGUF\"}\n{\"status\":\"writing manifest\"}\n{\"status\":\"success\"}\n";
+        respond(StatusCode::OK, "application/x-ndjson", lines)
+    }
 }
 
 impl Shared {
@@ -686,9 +860,17 @@ async fn handle(
         }
         Route::OllamaVersion => return ollama_json(StatusCode::OK, &json!({"version": "0.6.0"})),
         Route::OllamaTags => {
+            let created: Vec<String> = shared
+                .created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(m, _)| m.clone())
+                .collect();
             let models: Vec<Value> = cfg
                 .models
                 .iter()
+                .chain(created.iter())
                 .map(|m| {
                     json!({"name": m, "model": m, "modified_at": rfc3339(SystemTime::now()),
                            "size": model_size(m), "digest": digest(m), "details": details()})

@@ -134,6 +134,14 @@ impl NodeSpec {
         self
     }
 
+    /// TOML placed in a `[models]` table (model sharing: caps, pull parts).
+    pub fn models(mut self, toml: &str) -> Self {
+        self.upstream_toml.push_str("\n[models]\n");
+        self.upstream_toml.push_str(toml);
+        self.upstream_toml.push('\n');
+        self
+    }
+
     /// TOML placed in the `[api]` table (e.g. `max_body_bytes = 1024`).
     pub fn api(mut self, toml: &str) -> Self {
         self.extra_toml.push_str(toml);
