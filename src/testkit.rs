@@ -45,6 +45,7 @@ pub fn backend(addr: SocketAddr, max_concurrent: usize) -> BackendConfig {
         reserved_local_slots: 0,
         guest_vram_budget_mb: None,
         model_vram_mb: Default::default(),
+        weights: Default::default(),
     }
 }
 
