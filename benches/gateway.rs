@@ -32,13 +32,28 @@ const MODEL: &str = "bench-model";
 const PACED_MODEL: &str = "bench-paced";
 /// Pause between two chunks of `PACED_MODEL`.
 const PACE: Duration = Duration::from_millis(5);
+/// Served with a long pause between chunks: the many-slow-streams phase holds its streams open.
+const SLOW_MODEL: &str = "bench-slow";
+/// Pause between two chunks of `SLOW_MODEL`: a stream lasts `CHUNKS` x this (32 s), longer than
+/// the ramp and the hold together.
+const SLOW_PACE: Duration = Duration::from_millis(500);
+/// Streams the slow phase holds at once by default (`ARKNET_BENCH_SLOW_STREAMS`).
+const SLOW_STREAMS: usize = 10_000;
+/// Connections per client source address in the slow phase: under arknet's default per-address
+/// bound (256), so the load comes from many loopback addresses as from many clients.
+const SLOW_PER_SOURCE: usize = 200;
+/// Longest the slow phase waits for all its streams to start.
+const SLOW_RAMP_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long the slow phase holds all its streams open before measuring again.
+const SLOW_HOLD: Duration = Duration::from_secs(5);
 /// The only model of node A's own backend: A must reach `MODEL` through the mesh.
 const OTHER_MODEL: &str = "other-model";
 /// Requests node B lets node A have in flight; above every scenario's concurrency, or A would
 /// answer 503 when its grant is used up.
 const MESH_GRANT: usize = 256;
-/// `max_concurrent` of every arknet backend; above every scenario's concurrency.
-const BACKEND_SLOTS: usize = 1024;
+/// `max_concurrent` of every arknet backend; above every scenario's concurrency and the slow
+/// phase's stream count.
+const BACKEND_SLOTS: usize = 16_384;
 /// Tokens per reply: SSE streams carry this many content chunks; JSON replies this many tokens.
 const CHUNKS: usize = 64;
 const NGINX: &str = "/usr/sbin/nginx";
@@ -155,6 +170,8 @@ struct Settings {
     scenarios: Vec<usize>,
     /// The `wrk` scenarios were left out: no `wrk` installed.
     no_wrk: bool,
+    /// Streams of the slow phase (0: the phase is skipped).
+    slow_streams: usize,
 }
 
 impl Settings {
@@ -171,8 +188,14 @@ impl Settings {
             .filter(|&s| SCENARIOS[s].name.contains(only.as_str()))
             .filter(|&s| !(no_wrk && matches!(SCENARIOS[s].load, Load::Wrk { .. })))
             .collect();
+        let slow_streams = if "slow streams".contains(only.as_str()) || only.is_empty() {
+            num("ARKNET_BENCH_SLOW_STREAMS")
+                .map_or(SLOW_STREAMS, |n| n.clamp(0.0, 20_000.0) as usize)
+        } else {
+            0
+        };
         assert!(
-            !scenarios.is_empty(),
+            !scenarios.is_empty() || slow_streams > 0,
             "ARKNET_BENCH_SCENARIO={only:?} matches no scenario"
         );
         Settings {
@@ -182,22 +205,27 @@ impl Settings {
             arknet_threads,
             scenarios,
             no_wrk,
+            slow_streams,
         }
     }
 }
 
 fn main() {
     let settings = Settings::from_env();
+    // Before any child starts: nginx and arknet inherit it. The slow phase holds two sockets per
+    // stream in this process (client end, backend end) and in each proxy.
+    let nofile = raise_nofile(2 * settings.slow_streams as u64 + 4096);
     let clk_tck = clock_ticks_per_second();
     let ip = bench_ip();
 
     let backend = FakeBackend::start_in_thread(
         IpAddr::V4(ip),
-        FakeConfig::both(&[MODEL, PACED_MODEL])
+        FakeConfig::both(&[MODEL, PACED_MODEL, SLOW_MODEL])
             .record(false)
             .chunks(CHUNKS)
             .chunk_delay(Duration::ZERO)
-            .pace(PACED_MODEL, PACE),
+            .pace(PACED_MODEL, PACE)
+            .pace(SLOW_MODEL, SLOW_PACE),
     );
     // Node A's own backend: another model, so A has a local backend but must use the mesh.
     let other_backend = FakeBackend::start_in_thread(
@@ -280,6 +308,24 @@ fn main() {
         }
     });
     let total = started.elapsed();
+    let slow = if settings.slow_streams > 0 {
+        // Two sockets per stream in this process, plus room for everything else.
+        let n = settings
+            .slow_streams
+            .min((nofile.saturating_sub(1024) / 2) as usize);
+        let slow_targets = [(&targets[1], nginx.pid()), (&targets[2], node_b.proc.pid())];
+        runtime.block_on(async {
+            let mut reports = Vec::new();
+            for (target, pid) in slow_targets {
+                eprintln!("slow streams: {n} through {}", target.name);
+                reports.push(slow_streams(target.name, target.addr, pid, n, ip, clk_tck).await);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            reports
+        })
+    } else {
+        Vec::new()
+    };
 
     let mut nginx = nginx;
     nginx.assert_alive();
@@ -298,6 +344,7 @@ fn main() {
             backend_workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
         },
     );
+    let report = report + &render_slow(&slow, settings.slow_streams, nofile);
     io::stdout()
         .write_all(report.as_bytes())
         .expect("write report to stdout");
@@ -387,7 +434,8 @@ fn start_nginx(ip: Ipv4Addr, backend: SocketAddr) -> Proc {
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\n\
          error_log {p}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
+         worker_rlimit_nofile 65536;\n\
+         events {{ worker_connections 32768; }}\n\
          http {{\n access_log off;\n client_body_temp_path {p}/body;\n proxy_temp_path {p}/proxy;\n\
          fastcgi_temp_path {p}/fastcgi;\n uwsgi_temp_path {p}/uwsgi;\n scgi_temp_path {p}/scgi;\n\
          keepalive_requests 1000000;\n\
@@ -1768,5 +1816,270 @@ fn render_report(
             "wrk scenarios left out: {WRK} is missing (scripts/deps.sh bench installs it)"
         );
     }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many slow streams held at once
+// ---------------------------------------------------------------------------------------------
+
+/// Raises this process's open-file limit to `want` (children inherit it): to the hard limit at
+/// least, beyond it when allowed (root). Returns the soft limit in force.
+fn raise_nofile(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft >= want {
+        return soft;
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want.max(hard)).is_err() {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s)
+}
+
+/// Resident set size of a process in KiB, from `/proc/<pid>/status`.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What one proxy did with many slow streams at once.
+struct SlowReport {
+    target: &'static str,
+    wanted: usize,
+    /// Streams whose first body byte arrived within the ramp timeout.
+    opened: usize,
+    ramp: Duration,
+    /// RSS before the first stream, KiB.
+    rss_base: u64,
+    /// (streams open, RSS KiB) as the ramp crossed each quarter.
+    ramp_rss: Vec<(usize, u64)>,
+    /// RSS at the start and at the end of the hold, KiB.
+    hold_rss: (u64, u64),
+    /// Streams still open (no error, no early end) at the end of the hold.
+    held: usize,
+    /// Proxy CPU seconds during the hold.
+    hold_cpu: f64,
+    /// RSS 2 s after the client closed every stream, KiB.
+    rss_after: u64,
+}
+
+/// Opens `n` SSE streams of `SLOW_MODEL` through `addr` from many loopback source addresses
+/// (`SLOW_PER_SOURCE` each), at most 256 connecting at a time; once all have their first body
+/// byte (or the ramp times out), holds them for `SLOW_HOLD` while they keep receiving chunks,
+/// then closes them all. RSS of `pid` is sampled along the way. Bounded: ramp timeout + hold +
+/// a few seconds.
+async fn slow_streams(
+    target: &'static str,
+    addr: SocketAddr,
+    pid: u32,
+    n: usize,
+    bench_ip: Ipv4Addr,
+    clk_tck: f64,
+) -> SlowReport {
+    let request: Arc<[u8]> = request_bytes(Kind::Sse, SLOW_MODEL).into();
+    let rss_base = rss_kib(pid);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (open_tx, mut open_rx) = mpsc::unbounded_channel::<bool>();
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = JoinSet::new();
+    let [_, b, c, _] = bench_ip.octets();
+    for i in 0..n {
+        // 127.241.b.(c+k): a /8 loopback address of its own per SLOW_PER_SOURCE connections.
+        let k = (i / SLOW_PER_SOURCE) as u32;
+        let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 241, b, c)) + k);
+        let request = request.clone();
+        let open_tx = open_tx.clone();
+        let connecting = connecting.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let permit = connecting.acquire_owned().await;
+            let started = tokio::time::timeout(
+                REQUEST_TIMEOUT * 2,
+                open_slow_stream(source, addr, &request),
+            )
+            .await;
+            drop(permit);
+            let Ok(Ok(mut stream)) = started else {
+                let _ = open_tx.send(false);
+                return false;
+            };
+            let _ = open_tx.send(true);
+            // Keep reading (and dropping) the chunks until told to stop; an end or an error
+            // before that means the stream was not held.
+            let mut buf = [0u8; 2048];
+            loop {
+                tokio::select! {
+                    read = stream.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) => {}
+                    },
+                    _ = stop.wait_for(|s| *s) => return true,
+                }
+            }
+        });
+    }
+    drop(open_tx);
+    let ramp_start = Instant::now();
+    let deadline = ramp_start + SLOW_RAMP_TIMEOUT;
+    let (mut opened, mut answered) = (0usize, 0usize);
+    let mut ramp_rss = Vec::new();
+    let mut next_quarter = 1;
+    while answered < n {
+        let Ok(Some(ok)) = tokio::time::timeout_at(deadline.into(), open_rx.recv()).await else {
+            break;
+        };
+        answered += 1;
+        opened += usize::from(ok);
+        while next_quarter <= 4 && opened >= n * next_quarter / 4 {
+            ramp_rss.push((opened, rss_kib(pid)));
+            next_quarter += 1;
+        }
+    }
+    let ramp = ramp_start.elapsed();
+    let hold_start_rss = rss_kib(pid);
+    let cpu_before = stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |t| t.1);
+    tokio::time::sleep(SLOW_HOLD).await;
+    let cpu_after = stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |t| t.1);
+    let hold_end_rss = rss_kib(pid);
+    let _ = stop_tx.send(true);
+    let mut held = 0;
+    let closing = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(done) = tasks.join_next().await {
+            held += usize::from(done.unwrap_or(false));
+        }
+    })
+    .await;
+    if closing.is_err() {
+        tasks.abort_all();
+    }
+    drop(tasks);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    SlowReport {
+        target,
+        wanted: n,
+        opened,
+        ramp,
+        rss_base,
+        ramp_rss,
+        hold_rss: (hold_start_rss, hold_end_rss),
+        held,
+        hold_cpu: cpu_after.saturating_sub(cpu_before) as f64 / clk_tck,
+        rss_after: rss_kib(pid),
+    }
+}
+
+/// Connects from `source`, sends `request` and reads until the first body byte of a 200 answer.
+async fn open_slow_stream(
+    source: Ipv4Addr,
+    addr: SocketAddr,
+    request: &[u8],
+) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    let mut stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(request).await?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = find(&head, b"\r\n\r\n") {
+            if parse_head(&head[..end])?.status != 200 {
+                return Err(invalid("slow stream not answered 200"));
+            }
+            if head.len() > end + 4 {
+                return Ok(stream);
+            }
+        }
+        if head.len() > 64 * 1024 {
+            return Err(invalid("response head too long"));
+        }
+    }
+}
+
+fn render_slow(reports: &[SlowReport], wanted: usize, nofile: u64) -> String {
+    let mut out = String::new();
+    if reports.is_empty() {
+        return out;
+    }
+    let n = reports.first().map_or(0, |r| r.wanted);
+    let _ = writeln!(
+        out,
+        "\nslow streams: {n} SSE streams at once ({} chunks {} ms apart) through each proxy, \
+         {SLOW_PER_SOURCE} per client source address; RSS of the proxy process from /proc \
+         (VmRSS); hold {} s.{}",
+        CHUNKS,
+        SLOW_PACE.as_millis(),
+        SLOW_HOLD.as_secs(),
+        if n < wanted {
+            format!(" ({wanted} asked; open-file limit {nofile} allows {n})")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:>7} {:>7} {:>7} {:>9} {:>24} {:>11} {:>11} {:>10} {:>10} {:>12}",
+        "target",
+        "opened",
+        "held",
+        "ramp s",
+        "RSS base",
+        "RSS at 1/4 2/4 3/4 4/4",
+        "hold start",
+        "hold end",
+        "after",
+        "KiB per",
+        "hold CPU"
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:>7} {:>7} {:>7} {:>9} {:>24} {:>11} {:>11} {:>10} {:>10} {:>12}",
+        "", "", "", "", "MiB", "(MiB)", "MiB", "MiB", "MiB", "stream", "us/stream/s"
+    );
+    let mib = |k: u64| k as f64 / 1024.0;
+    for r in reports {
+        let ramp: Vec<String> = r
+            .ramp_rss
+            .iter()
+            .map(|(_, k)| format!("{:.0}", mib(*k)))
+            .collect();
+        let per_stream = r.hold_rss.1.saturating_sub(r.rss_base) as f64 / r.opened.max(1) as f64;
+        let cpu = r.hold_cpu * 1e6 / (r.held.max(1) as f64 * SLOW_HOLD.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "{:<8} {:>7} {:>7} {:>7.1} {:>9.1} {:>24} {:>11.1} {:>11.1} {:>10.1} {:>10.1} {:>12.1}",
+            r.target,
+            r.opened,
+            r.held,
+            r.ramp.as_secs_f64(),
+            mib(r.rss_base),
+            ramp.join(" "),
+            mib(r.hold_rss.0),
+            mib(r.hold_rss.1),
+            mib(r.rss_after),
+            per_stream,
+            cpu
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(KiB per stream = (RSS at hold end - RSS base) / streams opened; flat memory means the \
+         quarters grow evenly and hold start = hold end; held = streams still open, receiving, \
+         at the end of the hold)"
+    );
     out
 }
