@@ -172,6 +172,9 @@ struct Settings {
     no_wrk: bool,
     /// Streams of the slow phase (0: the phase is skipped).
     slow_streams: usize,
+    /// Another `arknet` binary (say, a build of the previous commit) run as one more 1-hop
+    /// target, `arknet base`, so that a change is compared before/after in the same rounds.
+    baseline: Option<PathBuf>,
 }
 
 impl Settings {
@@ -206,6 +209,16 @@ impl Settings {
             scenarios,
             no_wrk,
             slow_streams,
+            baseline: std::env::var_os("ARKNET_BENCH_BASELINE")
+                .map(PathBuf::from)
+                .filter(|p| {
+                    assert!(
+                        p.is_file(),
+                        "ARKNET_BENCH_BASELINE={} is not a file",
+                        p.display()
+                    );
+                    true
+                }),
         }
     }
 }
@@ -235,17 +248,35 @@ fn main() {
     let nginx = start_nginx(ip, backend.addr);
     // Node B is both the 1-hop target (its API listener) and the far end of the 2-hop one (its
     // mesh listener); the runs never overlap, so each measures one path at a time.
-    let mut node_b = start_arknet("arknet B", ip, &backend.url(), settings.arknet_threads);
+    let mut node_b = start_arknet(
+        "arknet B",
+        Path::new(ARKNET),
+        ip,
+        &backend.url(),
+        settings.arknet_threads,
+    );
     node_b.proc.wait_ready();
     let mut node_a = start_arknet(
         "arknet A",
+        Path::new(ARKNET),
         ip,
         &other_backend.url(),
         settings.arknet_threads,
     );
     join_mesh(&mut node_a, &mut node_b);
+    let mut node_base = settings.baseline.as_deref().map(|bin| {
+        let mut node = start_arknet(
+            "arknet base",
+            bin,
+            ip,
+            &backend.url(),
+            settings.arknet_threads,
+        );
+        node.proc.wait_ready();
+        node
+    });
 
-    let targets = [
+    let mut targets = vec![
         Target {
             name: "direct",
             addr: backend.addr,
@@ -274,6 +305,14 @@ fn main() {
             ],
         },
     ];
+    if let Some(node) = &node_base {
+        targets.push(Target {
+            name: "arknet base",
+            addr: node.proc.addr,
+            pids: vec![node.proc.pid()],
+            watch: vec![("base->backend", backend.addr)],
+        });
+    }
 
     // The client is one thread (this one) so it never takes more than one core; it is cheap
     // per request (see the client column) compared with either proxy.
@@ -331,6 +370,9 @@ fn main() {
     nginx.assert_alive();
     node_a.proc.assert_alive();
     node_b.proc.assert_alive();
+    if let Some(node) = node_base.as_mut() {
+        node.proc.assert_alive();
+    }
     let report = render_report(
         &settings,
         &targets,
@@ -348,6 +390,7 @@ fn main() {
     io::stdout()
         .write_all(report.as_bytes())
         .expect("write report to stdout");
+    drop(node_base);
     drop(node_a);
     drop(node_b);
     drop(nginx);
@@ -481,6 +524,7 @@ struct Node {
 /// default. Returns once `/health` answers; the caller waits for the models it needs.
 fn start_arknet(
     name: &'static str,
+    bin: &Path,
     ip: Ipv4Addr,
     backend_url: &str,
     threads: Option<usize>,
@@ -500,7 +544,7 @@ fn start_arknet(
     std::fs::write(&conf_path, conf).expect("write arknet.toml");
     let log = dir.path().join("arknet.log");
     let out = std::fs::File::create(&log).expect("arknet log file");
-    let child = Command::new(ARKNET)
+    let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&conf_path)
@@ -1617,6 +1661,38 @@ fn render_report(
             am.rate / dm.rate,
             am.rate / nm.rate
         );
+    }
+
+    if let Some(b) = find_target("arknet base") {
+        let _ = writeln!(
+            out,
+            "\nthis build vs the baseline binary (arknet base, ARKNET_BENCH_BASELINE), both 1 hop, same rounds"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "scenario",
+            "rate ratio",
+            "p50 ms",
+            "base p50 ms",
+            "CPU us/req",
+            "base CPU",
+            "CPU ratio"
+        );
+        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let (am, bm) = (&summaries[s][a], &summaries[s][b]);
+            let _ = writeln!(
+                out,
+                "{:<20} {:>12.2} {:>12.3} {:>12.3} {:>12.1} {:>12.1} {:>12.2}",
+                scenario.name,
+                am.rate / bm.rate,
+                am.p50,
+                bm.p50,
+                am.proxy_us,
+                bm.proxy_us,
+                am.proxy_us / bm.proxy_us
+            );
+        }
     }
 
     let hop = find_target("arknet 2-hop");
