@@ -598,7 +598,7 @@ fn join_mesh(a: &mut Node, b: &mut Node) {
         });
         admin_json(on, "POST", "/peers/approve", Some(&body));
     };
-    approve(b, a, &[MODEL], MESH_GRANT);
+    approve(b, a, &[MODEL, PACED_MODEL, SLOW_MODEL], MESH_GRANT);
     approve(a, b, &[], 1);
 
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -1013,7 +1013,7 @@ async fn run_wrk(
         .map(|(_, server)| tcp_clients(*server).all)
         .collect();
     let before = cpu_ticks(&target.pids);
-    let children_before = children_cpu();
+    let children_before = children_cpu(clk_tck);
     let start = Instant::now();
     let output = tokio::process::Command::new(WRK)
         .arg(format!("-t{threads}"))
@@ -1030,7 +1030,7 @@ async fn run_wrk(
         .expect("run wrk");
     let wall = start.elapsed();
     let after = cpu_ticks(&target.pids);
-    let wrk_cpu = children_cpu() - children_before;
+    let wrk_cpu = children_cpu(clk_tck) - children_before;
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -1068,13 +1068,23 @@ async fn run_wrk(
     run
 }
 
-/// CPU seconds (user + system) of this process's children that have been waited for.
-fn children_cpu() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
-        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-        t(u.user_time()) + t(u.system_time())
-    })
+/// CPU seconds (user + system) of this process's children that have been waited for
+/// (`cutime` + `cstime` of `/proc/self/stat`, as `getrusage(RUSAGE_CHILDREN)` gives them).
+fn children_cpu(clk_tck: f64) -> f64 {
+    let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = text
+        .rfind(')')
+        .map_or("", |close| &text[close + 1..])
+        .split_whitespace()
+        .collect();
+    // After "(comm)": cutime is field 16, cstime field 17.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(13) + ticks(14)) as f64 / clk_tck
 }
 
 /// What a `wrk --latency` report says.
@@ -1899,20 +1909,39 @@ fn render_report(
 // Many slow streams held at once
 // ---------------------------------------------------------------------------------------------
 
-/// Raises this process's open-file limit to `want` (children inherit it): to the hard limit at
-/// least, beyond it when allowed (root). Returns the soft limit in force.
+/// Raises this process's open-file limit to `want` (children inherit it) with util-linux's
+/// `prlimit`: beyond the hard limit when allowed (root with CAP_SYS_RESOURCE), else to the hard
+/// limit. Returns the soft limit in force (from `/proc/self/limits`).
 fn raise_nofile(want: u64) -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
+    let pid = std::process::id().to_string();
+    let set = |limit: &str| {
+        Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={limit}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     };
-    if soft >= want {
-        return soft;
+    if !set(&format!("{want}:{want}")) {
+        // Soft up to the hard limit, which needs no privilege.
+        let hard = nofile_limits().1;
+        set(&format!("{hard}:{hard}"));
     }
-    if setrlimit(Resource::RLIMIT_NOFILE, want, want.max(hard)).is_err() {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s)
+    nofile_limits().0
+}
+
+/// (soft, hard) open-file limits of this process; 1024 each when unreadable.
+fn nofile_limits() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = limits.lines().find(|l| l.starts_with("Max open files"));
+    let mut numbers = line
+        .into_iter()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.parse::<u64>().ok());
+    (
+        numbers.next().unwrap_or(1024),
+        numbers.next().unwrap_or(1024),
+    )
 }
 
 /// Resident set size of a process in KiB, from `/proc/<pid>/status`.
@@ -1946,6 +1975,8 @@ struct SlowReport {
     hold_cpu: f64,
     /// RSS 2 s after the client closed every stream, KiB.
     rss_after: u64,
+    /// Why streams did not open: "count x reason".
+    failures: Vec<String>,
 }
 
 /// Opens `n` SSE streams of `SLOW_MODEL` through `addr` from many loopback source addresses
@@ -1964,7 +1995,7 @@ async fn slow_streams(
     let request: Arc<[u8]> = request_bytes(Kind::Sse, SLOW_MODEL).into();
     let rss_base = rss_kib(pid);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (open_tx, mut open_rx) = mpsc::unbounded_channel::<bool>();
+    let (open_tx, mut open_rx) = mpsc::unbounded_channel::<Result<(), String>>();
     let connecting = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = JoinSet::new();
     let [_, b, c, _] = bench_ip.octets();
@@ -1984,11 +2015,18 @@ async fn slow_streams(
             )
             .await;
             drop(permit);
-            let Ok(Ok(mut stream)) = started else {
-                let _ = open_tx.send(false);
-                return false;
+            let mut stream = match started {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let _ = open_tx.send(Err(e.to_string()));
+                    return false;
+                }
+                Err(_) => {
+                    let _ = open_tx.send(Err("no first body byte in time".to_string()));
+                    return false;
+                }
             };
-            let _ = open_tx.send(true);
+            let _ = open_tx.send(Ok(()));
             // Keep reading (and dropping) the chunks until told to stop; an end or an error
             // before that means the stream was not held.
             let mut buf = [0u8; 2048];
@@ -2007,20 +2045,29 @@ async fn slow_streams(
     let ramp_start = Instant::now();
     let deadline = ramp_start + SLOW_RAMP_TIMEOUT;
     let (mut opened, mut answered) = (0usize, 0usize);
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
     let mut ramp_rss = Vec::new();
     let mut next_quarter = 1;
     while answered < n {
-        let Ok(Some(ok)) = tokio::time::timeout_at(deadline.into(), open_rx.recv()).await else {
+        let Ok(Some(result)) = tokio::time::timeout_at(deadline.into(), open_rx.recv()).await
+        else {
             break;
         };
         answered += 1;
-        opened += usize::from(ok);
+        match result {
+            Ok(()) => opened += 1,
+            Err(e) => *failures.entry(e).or_default() += 1,
+        }
         while next_quarter <= 4 && opened >= n * next_quarter / 4 {
             ramp_rss.push((opened, rss_kib(pid)));
             next_quarter += 1;
         }
     }
     let ramp = ramp_start.elapsed();
+    let failures: Vec<String> = failures
+        .into_iter()
+        .map(|(why, n)| format!("{n} x {why}"))
+        .collect();
     let hold_start_rss = rss_kib(pid);
     let cpu_before = stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |t| t.1);
     tokio::time::sleep(SLOW_HOLD).await;
@@ -2050,6 +2097,7 @@ async fn slow_streams(
         held,
         hold_cpu: cpu_after.saturating_sub(cpu_before) as f64 / clk_tck,
         rss_after: rss_kib(pid),
+        failures,
     }
 }
 
@@ -2149,6 +2197,14 @@ fn render_slow(reports: &[SlowReport], wanted: usize, nofile: u64) -> String {
             mib(r.rss_after),
             per_stream,
             cpu
+        );
+    }
+    for r in reports.iter().filter(|r| !r.failures.is_empty()) {
+        let _ = writeln!(
+            out,
+            "{}: streams that did not open: {}",
+            r.target,
+            r.failures.join("; ")
         );
     }
     let _ = writeln!(
