@@ -28,16 +28,37 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 const MODEL: &str = "bench-model";
+/// Served by the same backend with a pause between chunks: paced streams, as a model generates.
+const PACED_MODEL: &str = "bench-paced";
+/// Pause between two chunks of `PACED_MODEL`.
+const PACE: Duration = Duration::from_millis(5);
+/// Served with a long pause between chunks: the many-slow-streams phase holds its streams open.
+const SLOW_MODEL: &str = "bench-slow";
+/// Pause between two chunks of `SLOW_MODEL`: a stream lasts `CHUNKS` x this (32 s), longer than
+/// the ramp and the hold together.
+const SLOW_PACE: Duration = Duration::from_millis(500);
+/// Streams the slow phase holds at once by default (`ARKNET_BENCH_SLOW_STREAMS`).
+const SLOW_STREAMS: usize = 10_000;
+/// Connections per client source address in the slow phase: under arknet's default per-address
+/// bound (256), so the load comes from many loopback addresses as from many clients.
+const SLOW_PER_SOURCE: usize = 200;
+/// Longest the slow phase waits for all its streams to start.
+const SLOW_RAMP_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long the slow phase holds all its streams open before measuring again.
+const SLOW_HOLD: Duration = Duration::from_secs(5);
 /// The only model of node A's own backend: A must reach `MODEL` through the mesh.
 const OTHER_MODEL: &str = "other-model";
 /// Requests node B lets node A have in flight; above every scenario's concurrency, or A would
 /// answer 503 when its grant is used up.
 const MESH_GRANT: usize = 256;
-/// `max_concurrent` of every arknet backend; above every scenario's concurrency.
-const BACKEND_SLOTS: usize = 1024;
+/// `max_concurrent` of every arknet backend; above every scenario's concurrency and the slow
+/// phase's stream count.
+const BACKEND_SLOTS: usize = 16_384;
 /// Tokens per reply: SSE streams carry this many content chunks; JSON replies this many tokens.
 const CHUNKS: usize = 64;
 const NGINX: &str = "/usr/sbin/nginx";
+/// Debian's `wrk`: the standard load generator run beside the bench's own client.
+const WRK: &str = "/usr/bin/wrk";
 const ARKNET: &str = env!("CARGO_BIN_EXE_arknet");
 /// Upper bound for one request/stream; a slower one counts as an error and its connection is
 /// dropped.
@@ -49,28 +70,84 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// The issue's target for the mesh hop: added p50 at c=1 with connection reuse.
 const MESH_HOP_TARGET_MS: f64 = 0.3;
 
+/// What one request asks for and how its reply is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `POST /v1/chat/completions`, `stream: false`: one JSON reply.
+    Json,
+    /// `POST /v1/chat/completions`, `stream: true`: server-sent events ending in `[DONE]`.
+    Sse,
+    /// `POST /api/chat`, `stream: true`: Ollama's NDJSON lines ending in `"done":true`.
+    Ndjson,
+}
+
+/// Who sends the load.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// The bench's own client (one current-thread runtime in this process).
+    Own,
+    /// `wrk` with this many threads, in its own process.
+    Wrk { threads: usize },
+}
+
 #[derive(Clone, Copy)]
 struct Scenario {
     name: &'static str,
-    stream: bool,
+    kind: Kind,
+    model: &'static str,
     concurrency: usize,
+    load: Load,
 }
 
-const SCENARIOS: [Scenario; 3] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "chat json c=1",
-        stream: false,
+        kind: Kind::Json,
+        model: MODEL,
         concurrency: 1,
+        load: Load::Own,
     },
     Scenario {
         name: "chat json c=64",
-        stream: false,
+        kind: Kind::Json,
+        model: MODEL,
         concurrency: 64,
+        load: Load::Own,
     },
     Scenario {
         name: "sse 64 chunks c=32",
-        stream: true,
+        kind: Kind::Sse,
+        model: MODEL,
         concurrency: 32,
+        load: Load::Own,
+    },
+    Scenario {
+        name: "ndjson 64 lines c=32",
+        kind: Kind::Ndjson,
+        model: MODEL,
+        concurrency: 32,
+        load: Load::Own,
+    },
+    Scenario {
+        name: "sse paced 5ms c=32",
+        kind: Kind::Sse,
+        model: PACED_MODEL,
+        concurrency: 32,
+        load: Load::Own,
+    },
+    Scenario {
+        name: "wrk json c=64 t=2",
+        kind: Kind::Json,
+        model: MODEL,
+        concurrency: 64,
+        load: Load::Wrk { threads: 2 },
+    },
+    Scenario {
+        name: "wrk json c=1 t=1",
+        kind: Kind::Json,
+        model: MODEL,
+        concurrency: 1,
+        load: Load::Wrk { threads: 1 },
     },
 ];
 
@@ -91,6 +168,13 @@ struct Settings {
     arknet_threads: Option<usize>,
     /// Scenarios to run (all by default): indexes into `SCENARIOS`.
     scenarios: Vec<usize>,
+    /// The `wrk` scenarios were left out: no `wrk` installed.
+    no_wrk: bool,
+    /// Streams of the slow phase (0: the phase is skipped).
+    slow_streams: usize,
+    /// Another `arknet` binary (say, a build of the previous commit) run as one more 1-hop
+    /// target, `arknet base`, so that a change is compared before/after in the same rounds.
+    baseline: Option<PathBuf>,
 }
 
 impl Settings {
@@ -102,11 +186,19 @@ impl Settings {
             num("ARKNET_BENCH_ARKNET_THREADS").map(|t| t.clamp(1.0, 64.0) as usize);
         // A substring of scenario names, for profiling one of them (e.g. "sse").
         let only = std::env::var("ARKNET_BENCH_SCENARIO").unwrap_or_default();
+        let no_wrk = !Path::new(WRK).exists();
         let scenarios: Vec<usize> = (0..SCENARIOS.len())
             .filter(|&s| SCENARIOS[s].name.contains(only.as_str()))
+            .filter(|&s| !(no_wrk && matches!(SCENARIOS[s].load, Load::Wrk { .. })))
             .collect();
+        let slow_streams = if "slow streams".contains(only.as_str()) || only.is_empty() {
+            num("ARKNET_BENCH_SLOW_STREAMS")
+                .map_or(SLOW_STREAMS, |n| n.clamp(0.0, 20_000.0) as usize)
+        } else {
+            0
+        };
         assert!(
-            !scenarios.is_empty(),
+            !scenarios.is_empty() || slow_streams > 0,
             "ARKNET_BENCH_SCENARIO={only:?} matches no scenario"
         );
         Settings {
@@ -115,21 +207,38 @@ impl Settings {
             warmup: Duration::from_millis(300),
             arknet_threads,
             scenarios,
+            no_wrk,
+            slow_streams,
+            baseline: std::env::var_os("ARKNET_BENCH_BASELINE")
+                .map(PathBuf::from)
+                .filter(|p| {
+                    assert!(
+                        p.is_file(),
+                        "ARKNET_BENCH_BASELINE={} is not a file",
+                        p.display()
+                    );
+                    true
+                }),
         }
     }
 }
 
 fn main() {
     let settings = Settings::from_env();
+    // Before any child starts: nginx and arknet inherit it. The slow phase holds two sockets per
+    // stream in this process (client end, backend end) and in each proxy.
+    let nofile = raise_nofile(2 * settings.slow_streams as u64 + 4096);
     let clk_tck = clock_ticks_per_second();
     let ip = bench_ip();
 
     let backend = FakeBackend::start_in_thread(
         IpAddr::V4(ip),
-        FakeConfig::both(&[MODEL])
+        FakeConfig::both(&[MODEL, PACED_MODEL, SLOW_MODEL])
             .record(false)
             .chunks(CHUNKS)
-            .chunk_delay(Duration::ZERO),
+            .chunk_delay(Duration::ZERO)
+            .pace(PACED_MODEL, PACE)
+            .pace(SLOW_MODEL, SLOW_PACE),
     );
     // Node A's own backend: another model, so A has a local backend but must use the mesh.
     let other_backend = FakeBackend::start_in_thread(
@@ -139,17 +248,35 @@ fn main() {
     let nginx = start_nginx(ip, backend.addr);
     // Node B is both the 1-hop target (its API listener) and the far end of the 2-hop one (its
     // mesh listener); the runs never overlap, so each measures one path at a time.
-    let mut node_b = start_arknet("arknet B", ip, &backend.url(), settings.arknet_threads);
+    let mut node_b = start_arknet(
+        "arknet B",
+        Path::new(ARKNET),
+        ip,
+        &backend.url(),
+        settings.arknet_threads,
+    );
     node_b.proc.wait_ready();
     let mut node_a = start_arknet(
         "arknet A",
+        Path::new(ARKNET),
         ip,
         &other_backend.url(),
         settings.arknet_threads,
     );
     join_mesh(&mut node_a, &mut node_b);
+    let mut node_base = settings.baseline.as_deref().map(|bin| {
+        let mut node = start_arknet(
+            "arknet base",
+            bin,
+            ip,
+            &backend.url(),
+            settings.arknet_threads,
+        );
+        node.proc.wait_ready();
+        node
+    });
 
-    let targets = [
+    let mut targets = vec![
         Target {
             name: "direct",
             addr: backend.addr,
@@ -178,6 +305,14 @@ fn main() {
             ],
         },
     ];
+    if let Some(node) = &node_base {
+        targets.push(Target {
+            name: "arknet base",
+            addr: node.proc.addr,
+            pids: vec![node.proc.pid()],
+            watch: vec![("base->backend", backend.addr)],
+        });
+    }
 
     // The client is one thread (this one) so it never takes more than one core; it is cheap
     // per request (see the client column) compared with either proxy.
@@ -212,11 +347,32 @@ fn main() {
         }
     });
     let total = started.elapsed();
+    let slow = if settings.slow_streams > 0 {
+        // Two sockets per stream in this process, plus room for everything else.
+        let n = settings
+            .slow_streams
+            .min((nofile.saturating_sub(1024) / 2) as usize);
+        let slow_targets = [(&targets[1], nginx.pid()), (&targets[2], node_b.proc.pid())];
+        runtime.block_on(async {
+            let mut reports = Vec::new();
+            for (target, pid) in slow_targets {
+                eprintln!("slow streams: {n} through {}", target.name);
+                reports.push(slow_streams(target.name, target.addr, pid, n, ip, clk_tck).await);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            reports
+        })
+    } else {
+        Vec::new()
+    };
 
     let mut nginx = nginx;
     nginx.assert_alive();
     node_a.proc.assert_alive();
     node_b.proc.assert_alive();
+    if let Some(node) = node_base.as_mut() {
+        node.proc.assert_alive();
+    }
     let report = render_report(
         &settings,
         &targets,
@@ -230,9 +386,11 @@ fn main() {
             backend_workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
         },
     );
+    let report = report + &render_slow(&slow, settings.slow_streams, nofile);
     io::stdout()
         .write_all(report.as_bytes())
         .expect("write report to stdout");
+    drop(node_base);
     drop(node_a);
     drop(node_b);
     drop(nginx);
@@ -282,7 +440,7 @@ impl Proc {
     /// Polls (bounded) until a chat request through this process answers 200.
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let request = chat_request(false);
+        let request = request_bytes(Kind::Json, MODEL);
         loop {
             self.assert_alive();
             if probe_status(self.addr, &request) == Some(200) {
@@ -319,7 +477,8 @@ fn start_nginx(ip: Ipv4Addr, backend: SocketAddr) -> Proc {
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\n\
          error_log {p}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
+         worker_rlimit_nofile 65536;\n\
+         events {{ worker_connections 32768; }}\n\
          http {{\n access_log off;\n client_body_temp_path {p}/body;\n proxy_temp_path {p}/proxy;\n\
          fastcgi_temp_path {p}/fastcgi;\n uwsgi_temp_path {p}/uwsgi;\n scgi_temp_path {p}/scgi;\n\
          keepalive_requests 1000000;\n\
@@ -365,6 +524,7 @@ struct Node {
 /// default. Returns once `/health` answers; the caller waits for the models it needs.
 fn start_arknet(
     name: &'static str,
+    bin: &Path,
     ip: Ipv4Addr,
     backend_url: &str,
     threads: Option<usize>,
@@ -384,7 +544,7 @@ fn start_arknet(
     std::fs::write(&conf_path, conf).expect("write arknet.toml");
     let log = dir.path().join("arknet.log");
     let out = std::fs::File::create(&log).expect("arknet log file");
-    let child = Command::new(ARKNET)
+    let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&conf_path)
@@ -438,7 +598,7 @@ fn join_mesh(a: &mut Node, b: &mut Node) {
         });
         admin_json(on, "POST", "/peers/approve", Some(&body));
     };
-    approve(b, a, &[MODEL], MESH_GRANT);
+    approve(b, a, &[MODEL, PACED_MODEL, SLOW_MODEL], MESH_GRANT);
     approve(a, b, &[], 1);
 
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -553,12 +713,24 @@ fn probe_status(addr: SocketAddr, request: &[u8]) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
-fn chat_request(stream: bool) -> Vec<u8> {
+/// (path, JSON body) of a chat request of this kind for `model`.
+fn chat_request(kind: Kind, model: &str) -> (&'static str, String) {
+    let (path, stream) = match kind {
+        Kind::Json => ("/v1/chat/completions", false),
+        Kind::Sse => ("/v1/chat/completions", true),
+        Kind::Ndjson => ("/api/chat", true),
+    };
     let body = format!(
-        "{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":{stream}}}"
+        "{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":{stream}}}"
     );
+    (path, body)
+}
+
+/// The whole HTTP/1.1 request, ready to write.
+fn request_bytes(kind: Kind, model: &str) -> Vec<u8> {
+    let (path, body) = chat_request(kind, model);
     format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
@@ -704,6 +876,8 @@ struct Run {
     elapsed: Duration,
     /// Sorted latencies in ns: whole exchange for JSON, time to first body byte for SSE.
     latencies: Vec<u64>,
+    /// (p50, p99) in ms as `wrk` reported them, for its runs (no latencies of its own).
+    reported: Option<(f64, f64)>,
     /// CPU seconds spent during the run, per proxy process in the target's order.
     proxy_cpu: Vec<f64>,
     backend_cpu: f64,
@@ -722,6 +896,11 @@ impl Run {
 
     /// Nearest-rank percentile in ms.
     fn percentile_ms(&self, p: f64) -> f64 {
+        match self.reported {
+            Some((p50, _)) if p == 50.0 => return p50,
+            Some((_, p99)) if p == 99.0 => return p99,
+            _ => {}
+        }
         if self.latencies.is_empty() {
             return f64::NAN;
         }
@@ -741,7 +920,10 @@ impl Run {
 /// Opens `concurrency` keep-alive connections, then lets each one run back-to-back requests
 /// until `duration` has passed; CPU is sampled only around the timed part.
 async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_tck: f64) -> Run {
-    let request: Arc<[u8]> = chat_request(scenario.stream).into();
+    if let Load::Wrk { threads } = scenario.load {
+        return run_wrk(target, scenario, threads, duration, clk_tck).await;
+    }
+    let request: Arc<[u8]> = request_bytes(scenario.kind, scenario.model).into();
     let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(scenario.concurrency);
     let mut workers = JoinSet::new();
@@ -749,7 +931,7 @@ async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_t
         workers.spawn(worker(
             target.addr,
             request.clone(),
-            scenario.stream,
+            scenario.kind,
             ready_tx.clone(),
             start_rx.clone(),
         ));
@@ -772,6 +954,7 @@ async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_t
         errors: 0,
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
+        reported: None,
         proxy_cpu: Vec::new(),
         backend_cpu: 0.0,
         client_cpu: 0.0,
@@ -804,6 +987,163 @@ async fn run_load(target: &Target, scenario: Scenario, duration: Duration, clk_t
     run
 }
 
+/// One `wrk` run (keep-alive connections opened by wrk at its start, inside the timed window;
+/// `wrk` does not read bodies, only statuses): rate, p50/p99 and errors from its report, CPU of
+/// the proxies from `/proc` and of `wrk` itself from this process's reaped children.
+async fn run_wrk(
+    target: &Target,
+    scenario: Scenario,
+    threads: usize,
+    duration: Duration,
+    clk_tck: f64,
+) -> Run {
+    let dir = tempfile::tempdir().expect("wrk tempdir");
+    let script = dir.path().join("chat.lua");
+    let (path, body) = chat_request(scenario.kind, scenario.model);
+    let lua = format!(
+        "wrk.method = \"POST\"\nwrk.body = '{body}'\n\
+         wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Host\"] = \"localhost\"\n"
+    );
+    std::fs::write(&script, lua).expect("write wrk script");
+    // wrk takes whole seconds.
+    let secs = duration.as_secs_f64().round().max(1.0) as u64;
+    let clients_before: Vec<HashSet<(u32, u16)>> = target
+        .watch
+        .iter()
+        .map(|(_, server)| tcp_clients(*server).all)
+        .collect();
+    let before = cpu_ticks(&target.pids);
+    let children_before = children_cpu(clk_tck);
+    let start = Instant::now();
+    let output = tokio::process::Command::new(WRK)
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{}", scenario.concurrency))
+        .arg(format!("-d{secs}s"))
+        .arg("--latency")
+        .arg("-s")
+        .arg(&script)
+        .arg(format!("http://{}{path}", target.addr))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run wrk");
+    let wall = start.elapsed();
+    let after = cpu_ticks(&target.pids);
+    let wrk_cpu = children_cpu(clk_tck) - children_before;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "wrk failed ({}): {text}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = parse_wrk(&text).unwrap_or_else(|| panic!("unreadable wrk report:\n{text}"));
+    let mut run = Run {
+        done: report.requests.saturating_sub(report.errors),
+        errors: report.errors,
+        elapsed: report.elapsed.unwrap_or(wall),
+        latencies: Vec::new(),
+        reported: Some((report.p50_ms, report.p99_ms)),
+        proxy_cpu: Vec::new(),
+        backend_cpu: 0.0,
+        client_cpu: 0.0,
+        opened: Vec::new(),
+        seen: Vec::new(),
+    };
+    for ((_, server), before) in target.watch.iter().zip(&clients_before) {
+        let after = tcp_clients(*server);
+        run.opened.push(after.all.difference(before).count() as u64);
+        run.seen.push(after.established.len() as u64);
+    }
+    let secs = |a: u64, b: u64| a.saturating_sub(b) as f64 / clk_tck;
+    run.proxy_cpu = after
+        .proxy
+        .iter()
+        .zip(&before.proxy)
+        .map(|(a, b)| secs(*a, *b))
+        .collect();
+    run.backend_cpu = secs(after.backend, before.backend);
+    run.client_cpu = secs(after.client, before.client) + wrk_cpu;
+    run
+}
+
+/// CPU seconds (user + system) of this process's children that have been waited for
+/// (`cutime` + `cstime` of `/proc/self/stat`, as `getrusage(RUSAGE_CHILDREN)` gives them).
+fn children_cpu(clk_tck: f64) -> f64 {
+    let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = text
+        .rfind(')')
+        .map_or("", |close| &text[close + 1..])
+        .split_whitespace()
+        .collect();
+    // After "(comm)": cutime is field 16, cstime field 17.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(13) + ticks(14)) as f64 / clk_tck
+}
+
+/// What a `wrk --latency` report says.
+struct WrkReport {
+    requests: u64,
+    /// Non-2xx/3xx answers plus socket errors.
+    errors: u64,
+    elapsed: Option<Duration>,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn parse_wrk(text: &str) -> Option<WrkReport> {
+    // "2.74ms", "812.00us", "1.02s", "1.00m"
+    let ms = |v: &str| -> Option<f64> {
+        let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+        let (n, unit) = v.split_at(split);
+        let n: f64 = n.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            "m" => n * 60_000.0,
+            _ => return None,
+        })
+    };
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut requests = None;
+    let mut elapsed = None;
+    let mut errors = 0u64;
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => p50 = ms(v),
+            ["99%", v] => p99 = ms(v),
+            [n, "requests", "in", t, ..] => {
+                requests = n.parse().ok();
+                elapsed = ms(t.trim_end_matches(',')).map(|m| Duration::from_secs_f64(m / 1000.0));
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    Some(WrkReport {
+        requests: requests?,
+        errors,
+        elapsed,
+        p50_ms: p50?,
+        p99_ms: p99?,
+    })
+}
+
 struct WorkerStats {
     done: u64,
     errors: u64,
@@ -813,7 +1153,7 @@ struct WorkerStats {
 async fn worker(
     addr: SocketAddr,
     request: Arc<[u8]>,
-    stream: bool,
+    kind: Kind,
     ready: mpsc::Sender<()>,
     mut start: watch::Receiver<Option<Instant>>,
 ) -> WorkerStats {
@@ -845,10 +1185,10 @@ async fn worker(
             },
         };
         let sent = Instant::now();
-        match tokio::time::timeout(REQUEST_TIMEOUT, c.exchange(&request, stream)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, c.exchange(&request, kind)).await {
             Ok(Ok(reply)) => {
                 if reply.status == 200 && reply.body_ok {
-                    let at = if stream {
+                    let at = if kind != Kind::Json {
                         reply.first_body.unwrap_or_else(Instant::now)
                     } else {
                         Instant::now()
@@ -956,7 +1296,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn exchange(&mut self, request: &[u8], stream: bool) -> io::Result<Reply> {
+    async fn exchange(&mut self, request: &[u8], kind: Kind) -> io::Result<Reply> {
         self.stream.write_all(request).await?;
         self.body.clear();
         let head_len = self.until(b"\r\n\r\n").await?;
@@ -1008,17 +1348,22 @@ impl Conn {
             status: head.status,
             keep_alive,
             first_body,
-            body_ok: body_complete(&self.body, stream),
+            body_ok: body_complete(&self.body, kind),
         })
     }
 }
 
-/// The last token is present (and, for SSE, the `[DONE]` sentinel); only the tail is scanned.
-fn body_complete(body: &[u8], stream: bool) -> bool {
+/// The last token is present, and the stream's end marker (SSE `[DONE]`, NDJSON `"done":true`);
+/// only the tail is scanned.
+fn body_complete(body: &[u8], kind: Kind) -> bool {
     let tail = &body[body.len().saturating_sub(1024)..];
     let last_token = format!("tok{} ", CHUNKS - 1);
     find(tail, last_token.as_bytes()).is_some()
-        && (!stream || find(tail, b"data: [DONE]").is_some())
+        && match kind {
+            Kind::Json => true,
+            Kind::Sse => find(tail, b"data: [DONE]").is_some(),
+            Kind::Ndjson => find(tail, b"\"done\":true").is_some(),
+        }
 }
 
 struct Head {
@@ -1328,6 +1673,38 @@ fn render_report(
         );
     }
 
+    if let Some(b) = find_target("arknet base") {
+        let _ = writeln!(
+            out,
+            "\nthis build vs the baseline binary (arknet base, ARKNET_BENCH_BASELINE), both 1 hop, same rounds"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "scenario",
+            "rate ratio",
+            "p50 ms",
+            "base p50 ms",
+            "CPU us/req",
+            "base CPU",
+            "CPU ratio"
+        );
+        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let (am, bm) = (&summaries[s][a], &summaries[s][b]);
+            let _ = writeln!(
+                out,
+                "{:<20} {:>12.2} {:>12.3} {:>12.3} {:>12.1} {:>12.1} {:>12.2}",
+                scenario.name,
+                am.rate / bm.rate,
+                am.p50,
+                bm.p50,
+                am.proxy_us,
+                bm.proxy_us,
+                am.proxy_us / bm.proxy_us
+            );
+        }
+    }
+
     let hop = find_target("arknet 2-hop");
     if let Some(h) = hop {
         let _ = writeln!(
@@ -1425,33 +1802,71 @@ fn render_report(
 
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let _ = writeln!(out);
-    if measured(0) {
+    let by_name = |name: &str| {
+        SCENARIOS
+            .iter()
+            .position(|sc| sc.name == name)
+            .filter(|s| measured(*s))
+    };
+    let note = "issue target (informational, never a failure)";
+    for name in ["chat json c=1", "wrk json c=1 t=1"] {
+        let Some(s) = by_name(name) else { continue };
         // Added p50 of arknet minus added p50 of nginx, both over direct.
-        let gap = summaries[0][a].p50 - summaries[0][n].p50;
+        let gap = summaries[s][a].p50 - summaries[s][n].p50;
         let _ = writeln!(
             out,
-            "issue target (informational, never a failure): c=1 arknet added p50 within 0.1 ms of \
-             nginx's: {} ({gap:+.3} ms)",
-            verdict(gap <= 0.1)
+            "{note}: {name}: arknet added p50 within 0.02 ms of nginx's: {} ({gap:+.3} ms)",
+            verdict(gap <= 0.02)
         );
         if let Some(h) = hop {
-            let added = summaries[0][h].p50 - summaries[0][a].p50;
+            let added = summaries[s][h].p50 - summaries[s][d].p50;
             let _ = writeln!(
                 out,
-                "issue target (informational, never a failure): c=1 mesh hop (2-hop minus 1-hop) \
-                 adds under {MESH_HOP_TARGET_MS} ms p50: {} ({added:+.3} ms)",
-                verdict(added < MESH_HOP_TARGET_MS)
+                "{note}: {name}: 2-hop adds at most {MESH_HOP_TARGET_MS} ms p50 over direct: {} \
+                 ({added:+.3} ms; over 1-hop {:+.3} ms)",
+                verdict(added <= MESH_HOP_TARGET_MS),
+                summaries[s][h].p50 - summaries[s][a].p50
             );
         }
     }
-    if measured(1) {
-        let ratio = summaries[1][a].rate / summaries[1][n].rate;
+    for name in ["chat json c=64", "wrk json c=64 t=2"] {
+        let Some(s) = by_name(name) else { continue };
+        let ratio = summaries[s][a].rate / summaries[s][n].rate;
         let _ = writeln!(
             out,
-            "issue target (informational, never a failure): c=64 arknet rate >= nginx's: {} \
-             (x{ratio:.2})",
+            "{note}: {name}: arknet rate >= nginx's: {} (x{ratio:.2})",
             verdict(ratio >= 1.0)
         );
+    }
+    if let Some(s) = by_name("sse paced 5ms c=32") {
+        let gap = summaries[s][a].p50 - summaries[s][n].p50;
+        let _ = writeln!(
+            out,
+            "{note}: paced-stream TTFB p50 within 0.2 ms of nginx's: {} ({gap:+.3} ms)",
+            verdict(gap <= 0.2)
+        );
+    }
+    for (s, sc) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+        let (am, nm) = (&summaries[s][a], &summaries[s][n]);
+        let mut line = format!(
+            "{note}: {}: arknet CPU/request <= nginx's: {} ({:.1} vs {:.1} us, x{:.2})",
+            sc.name,
+            verdict(am.proxy_us <= nm.proxy_us),
+            am.proxy_us,
+            nm.proxy_us,
+            am.proxy_us / nm.proxy_us
+        );
+        if let Some(h) = hop {
+            let hm = &summaries[s][h];
+            let _ = write!(
+                line,
+                "; 2-hop CPU (A+B) <= 2x 1-hop: {} ({:.1} us, x{:.2})",
+                verdict(hm.proxy_us <= 2.0 * am.proxy_us),
+                hm.proxy_us,
+                hm.proxy_us / am.proxy_us
+            );
+        }
+        let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(
         out,
@@ -1481,5 +1896,322 @@ fn render_report(
     let done: u64 = summaries.iter().flatten().map(|m| m.done).sum();
     let errors: u64 = summaries.iter().flatten().map(|m| m.errors).sum();
     let _ = writeln!(out, "requests/streams measured: {done}, errors: {errors}");
+    if settings.no_wrk {
+        let _ = writeln!(
+            out,
+            "wrk scenarios left out: {WRK} is missing (scripts/deps.sh bench installs it)"
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many slow streams held at once
+// ---------------------------------------------------------------------------------------------
+
+/// Raises this process's open-file limit to `want` (children inherit it) with util-linux's
+/// `prlimit`: beyond the hard limit when allowed (root with CAP_SYS_RESOURCE), else to the hard
+/// limit. Returns the soft limit in force (from `/proc/self/limits`).
+fn raise_nofile(want: u64) -> u64 {
+    let pid = std::process::id().to_string();
+    let set = |limit: &str| {
+        Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={limit}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !set(&format!("{want}:{want}")) {
+        // Soft up to the hard limit, which needs no privilege.
+        let hard = nofile_limits().1;
+        set(&format!("{hard}:{hard}"));
+    }
+    nofile_limits().0
+}
+
+/// (soft, hard) open-file limits of this process; 1024 each when unreadable.
+fn nofile_limits() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = limits.lines().find(|l| l.starts_with("Max open files"));
+    let mut numbers = line
+        .into_iter()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.parse::<u64>().ok());
+    (
+        numbers.next().unwrap_or(1024),
+        numbers.next().unwrap_or(1024),
+    )
+}
+
+/// Resident set size of a process in KiB, from `/proc/<pid>/status`.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What one proxy did with many slow streams at once.
+struct SlowReport {
+    target: &'static str,
+    wanted: usize,
+    /// Streams whose first body byte arrived within the ramp timeout.
+    opened: usize,
+    ramp: Duration,
+    /// RSS before the first stream, KiB.
+    rss_base: u64,
+    /// (streams open, RSS KiB) as the ramp crossed each quarter.
+    ramp_rss: Vec<(usize, u64)>,
+    /// RSS at the start and at the end of the hold, KiB.
+    hold_rss: (u64, u64),
+    /// Streams still open (no error, no early end) at the end of the hold.
+    held: usize,
+    /// Proxy CPU seconds during the hold.
+    hold_cpu: f64,
+    /// RSS 2 s after the client closed every stream, KiB.
+    rss_after: u64,
+    /// Why streams did not open: "count x reason".
+    failures: Vec<String>,
+}
+
+/// Opens `n` SSE streams of `SLOW_MODEL` through `addr` from many loopback source addresses
+/// (`SLOW_PER_SOURCE` each), at most 256 connecting at a time; once all have their first body
+/// byte (or the ramp times out), holds them for `SLOW_HOLD` while they keep receiving chunks,
+/// then closes them all. RSS of `pid` is sampled along the way. Bounded: ramp timeout + hold +
+/// a few seconds.
+async fn slow_streams(
+    target: &'static str,
+    addr: SocketAddr,
+    pid: u32,
+    n: usize,
+    bench_ip: Ipv4Addr,
+    clk_tck: f64,
+) -> SlowReport {
+    let request: Arc<[u8]> = request_bytes(Kind::Sse, SLOW_MODEL).into();
+    let rss_base = rss_kib(pid);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (open_tx, mut open_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = JoinSet::new();
+    let [_, b, c, _] = bench_ip.octets();
+    for i in 0..n {
+        // 127.241.b.(c+k): a /8 loopback address of its own per SLOW_PER_SOURCE connections.
+        let k = (i / SLOW_PER_SOURCE) as u32;
+        let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 241, b, c)) + k);
+        let request = request.clone();
+        let open_tx = open_tx.clone();
+        let connecting = connecting.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let permit = connecting.acquire_owned().await;
+            let started = tokio::time::timeout(
+                REQUEST_TIMEOUT * 2,
+                open_slow_stream(source, addr, &request),
+            )
+            .await;
+            drop(permit);
+            let mut stream = match started {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let _ = open_tx.send(Err(e.to_string()));
+                    return false;
+                }
+                Err(_) => {
+                    let _ = open_tx.send(Err("no first body byte in time".to_string()));
+                    return false;
+                }
+            };
+            let _ = open_tx.send(Ok(()));
+            // Keep reading (and dropping) the chunks until told to stop; an end or an error
+            // before that means the stream was not held.
+            let mut buf = [0u8; 2048];
+            loop {
+                tokio::select! {
+                    read = stream.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) => {}
+                    },
+                    _ = stop.wait_for(|s| *s) => return true,
+                }
+            }
+        });
+    }
+    drop(open_tx);
+    let ramp_start = Instant::now();
+    let deadline = ramp_start + SLOW_RAMP_TIMEOUT;
+    let (mut opened, mut answered) = (0usize, 0usize);
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut ramp_rss = Vec::new();
+    let mut next_quarter = 1;
+    while answered < n {
+        let Ok(Some(result)) = tokio::time::timeout_at(deadline.into(), open_rx.recv()).await
+        else {
+            break;
+        };
+        answered += 1;
+        match result {
+            Ok(()) => opened += 1,
+            Err(e) => *failures.entry(e).or_default() += 1,
+        }
+        while next_quarter <= 4 && opened >= n * next_quarter / 4 {
+            ramp_rss.push((opened, rss_kib(pid)));
+            next_quarter += 1;
+        }
+    }
+    let ramp = ramp_start.elapsed();
+    let failures: Vec<String> = failures
+        .into_iter()
+        .map(|(why, n)| format!("{n} x {why}"))
+        .collect();
+    let hold_start_rss = rss_kib(pid);
+    let cpu_before = stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |t| t.1);
+    tokio::time::sleep(SLOW_HOLD).await;
+    let cpu_after = stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |t| t.1);
+    let hold_end_rss = rss_kib(pid);
+    let _ = stop_tx.send(true);
+    let mut held = 0;
+    let closing = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(done) = tasks.join_next().await {
+            held += usize::from(done.unwrap_or(false));
+        }
+    })
+    .await;
+    if closing.is_err() {
+        tasks.abort_all();
+    }
+    drop(tasks);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    SlowReport {
+        target,
+        wanted: n,
+        opened,
+        ramp,
+        rss_base,
+        ramp_rss,
+        hold_rss: (hold_start_rss, hold_end_rss),
+        held,
+        hold_cpu: cpu_after.saturating_sub(cpu_before) as f64 / clk_tck,
+        rss_after: rss_kib(pid),
+        failures,
+    }
+}
+
+/// Connects from `source`, sends `request` and reads until the first body byte of a 200 answer.
+async fn open_slow_stream(
+    source: Ipv4Addr,
+    addr: SocketAddr,
+    request: &[u8],
+) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    let mut stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(request).await?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = find(&head, b"\r\n\r\n") {
+            if parse_head(&head[..end])?.status != 200 {
+                return Err(invalid("slow stream not answered 200"));
+            }
+            if head.len() > end + 4 {
+                return Ok(stream);
+            }
+        }
+        if head.len() > 64 * 1024 {
+            return Err(invalid("response head too long"));
+        }
+    }
+}
+
+fn render_slow(reports: &[SlowReport], wanted: usize, nofile: u64) -> String {
+    let mut out = String::new();
+    if reports.is_empty() {
+        return out;
+    }
+    let n = reports.first().map_or(0, |r| r.wanted);
+    let _ = writeln!(
+        out,
+        "\nslow streams: {n} SSE streams at once ({} chunks {} ms apart) through each proxy, \
+         {SLOW_PER_SOURCE} per client source address; RSS of the proxy process from /proc \
+         (VmRSS); hold {} s.{}",
+        CHUNKS,
+        SLOW_PACE.as_millis(),
+        SLOW_HOLD.as_secs(),
+        if n < wanted {
+            format!(" ({wanted} asked; open-file limit {nofile} allows {n})")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:>7} {:>7} {:>7} {:>9} {:>24} {:>11} {:>11} {:>10} {:>10} {:>12}",
+        "target",
+        "opened",
+        "held",
+        "ramp s",
+        "RSS base",
+        "RSS at 1/4 2/4 3/4 4/4",
+        "hold start",
+        "hold end",
+        "after",
+        "KiB per",
+        "hold CPU"
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:>7} {:>7} {:>7} {:>9} {:>24} {:>11} {:>11} {:>10} {:>10} {:>12}",
+        "", "", "", "", "MiB", "(MiB)", "MiB", "MiB", "MiB", "stream", "us/stream/s"
+    );
+    let mib = |k: u64| k as f64 / 1024.0;
+    for r in reports {
+        let ramp: Vec<String> = r
+            .ramp_rss
+            .iter()
+            .map(|(_, k)| format!("{:.0}", mib(*k)))
+            .collect();
+        let per_stream = r.hold_rss.1.saturating_sub(r.rss_base) as f64 / r.opened.max(1) as f64;
+        let cpu = r.hold_cpu * 1e6 / (r.held.max(1) as f64 * SLOW_HOLD.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "{:<8} {:>7} {:>7} {:>7.1} {:>9.1} {:>24} {:>11.1} {:>11.1} {:>10.1} {:>10.1} {:>12.1}",
+            r.target,
+            r.opened,
+            r.held,
+            r.ramp.as_secs_f64(),
+            mib(r.rss_base),
+            ramp.join(" "),
+            mib(r.hold_rss.0),
+            mib(r.hold_rss.1),
+            mib(r.rss_after),
+            per_stream,
+            cpu
+        );
+    }
+    for r in reports.iter().filter(|r| !r.failures.is_empty()) {
+        let _ = writeln!(
+            out,
+            "{}: streams that did not open: {}",
+            r.target,
+            r.failures.join("; ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(KiB per stream = (RSS at hold end - RSS base) / streams opened; flat memory means the \
+         quarters grow evenly and hold start = hold end; held = streams still open, receiving, \
+         at the end of the hold)"
+    );
     out
 }

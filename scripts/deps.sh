@@ -5,7 +5,9 @@
 #                           plus curl and python3 for the demo
 #   scripts/deps.sh test    build + everything the test suite drives (nginx, avahi, WireGuard,
 #                           Chromium, Node.js, Python venvs)
-#   scripts/deps.sh --list build|test   print the package names (used by .ci/run)
+#   scripts/deps.sh bench   build + what `cargo bench --bench gateway` compares against and
+#                           profiles with (nginx, wrk, perf); not needed by CI
+#   scripts/deps.sh --list build|test|bench   print the package names (used by .ci/run)
 #
 # Quick and idempotent: when every package is already installed it runs no apt-get at all
 # (no `apt-get update`, no root needed). Otherwise it runs apt-get as root, through sudo when
@@ -26,14 +28,18 @@ build_pkgs=(build-essential cmake clang libclang-dev pkg-config curl ca-certific
 # nobody. nodejs, npm: handled below.
 test_pkgs=(nginx-light iproute2 chromium chromium-driver avahi-daemon avahi-utils dbus
   wireguard-go wireguard-tools systemd postgresql util-linux)
+# nginx-light: the proxy the gateway bench compares against. wrk: the standard load generator the
+# bench runs beside its own client. linux-perf: profiling arknet under that load (benches/README.md).
+bench_pkgs=(nginx-light wrk linux-perf)
 
-usage() { echo "usage: $0 [--list] build|test" >&2; exit 64; }
+usage() { echo "usage: $0 [--list] build|test|bench" >&2; exit 64; }
 
 list=false
 if [ "${1:-}" = "--list" ]; then list=true; shift; fi
 case "${1:-}" in
   build) pkgs=("${build_pkgs[@]}") ;;
   test) pkgs=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;
+  bench) pkgs=("${build_pkgs[@]}" "${bench_pkgs[@]}") ;;
   *) usage ;;
 esac
 # Node.js >= 18 with npm drives Chromium (playwright-core). Only when npm is absent, so that a

@@ -1,26 +1,43 @@
-//! Talking to upstreams (the node's own model servers) through Pingora's pooled connector.
+//! Talking to upstreams (the node's own model servers, and peers' mesh listeners over mutual
+//! TLS): Pingora's transport connector dials, Pingora's HTTP/1 client reads the answers, and a
+//! keep-alive pool of our own holds the idle connections.
 //!
 //! [`Upstream::send`] writes a request and waits for the response header; what it returns is a
 //! live [`UpstreamResponse`] whose body the caller pulls chunk by chunk, so nothing is buffered
 //! here. A connection goes back to the pool only after its response was read to the end.
+//!
+//! Why not Pingora's HTTP connector and its pool: its pool hands every released connection to a
+//! task it spawns to watch it while idle, and taking the connection back waits for that task
+//! to let go of it, so each request paid a task spawn, a timer and a hand-off between tasks;
+//! and its HTTP/1 client flushes the request header before the body, so each request cost two
+//! sends (two TLS records on the mesh). Here an idle connection is checked when it is taken
+//! (one non-blocking read: closed, or data nobody asked for, and it is dropped), and a request
+//! with a body up to [`COALESCE_MAX`] goes out in one write.
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorType};
+use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::{Error, ErrorType, OrErr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{BackendConfig, UpstreamConfig};
 
-/// Idle connections kept per upstream pool.
+/// Idle connections kept per upstream (backend or peer).
 const POOL_SIZE: usize = 256;
+/// Largest request body sent in the same write as the header; a larger one is written after
+/// it rather than copied.
+const COALESCE_MAX: usize = 64 * 1024;
 
 /// Why a request got no response header.
 #[derive(Debug, thiserror::Error)]
@@ -101,20 +118,21 @@ impl Backend {
 
 /// Pooled HTTP client shared by every request of a listener.
 pub struct Upstream {
-    connector: Connector,
+    connector: TransportConnector,
+    idle: IdlePool,
     first_byte_timeout: Duration,
     idle_chunk_timeout: Duration,
-    pool_idle: Duration,
 }
 
 impl Upstream {
     /// A client with a connection pool and the configured timeouts.
     pub fn new(config: &UpstreamConfig) -> Self {
         Upstream {
-            connector: Connector::new(Some(ConnectorOptions::new(POOL_SIZE))),
+            // Pingora's own pool stays empty: nothing is released to it.
+            connector: TransportConnector::new(Some(ConnectorOptions::new(0))),
+            idle: IdlePool::new(POOL_SIZE, config.pool_idle),
             first_byte_timeout: config.first_byte_timeout,
             idle_chunk_timeout: config.idle_chunk_timeout,
-            pool_idle: config.pool_idle,
         }
     }
 
@@ -129,26 +147,27 @@ impl Upstream {
         body: &Bytes,
     ) -> Result<UpstreamResponse, SendError> {
         let addr = socket_addr(peer);
+        let key = peer.reuse_hash();
         let mut fresh_only = false;
         loop {
-            let (mut session, reused) = if fresh_only {
-                self.connector
-                    .get_http_session(&fresh_peer(peer))
-                    .await
-                    .map_err(|source| SendError::Connect { addr, source })?
+            let pooled = if fresh_only {
+                None
             } else {
-                self.connector
-                    .get_http_session(peer)
-                    .await
-                    .map_err(|source| SendError::Connect { addr, source })?
+                self.idle.take(key)
             };
-            match self.exchange(&mut session, header, body).await {
-                Ok(()) => {
+            let reused = pooled.is_some();
+            let stream = match pooled {
+                Some(stream) => stream,
+                None => self
+                    .connector
+                    .new_stream(peer)
+                    .await
+                    .map_err(|source| SendError::Connect { addr, source })?,
+            };
+            match self.exchange(stream, peer, header, body).await {
+                Ok(mut session) => {
                     session.set_read_timeout(Some(self.idle_chunk_timeout));
-                    return Ok(UpstreamResponse {
-                        session,
-                        peer: peer.clone(),
-                    });
+                    return Ok(UpstreamResponse { session, key });
                 }
                 Err(e) if reused && !fresh_only && is_stale_connection(&e) => fresh_only = true,
                 Err(e) if *e.etype() == ErrorType::ReadTimedout => {
@@ -162,21 +181,43 @@ impl Upstream {
         }
     }
 
+    /// Writes the request on `stream` (header and a small body in one write; the body always
+    /// has a `Content-Length`) and reads the response header.
     async fn exchange(
         &self,
-        session: &mut HttpSession,
+        mut stream: Stream,
+        peer: &HttpPeer,
         header: &RequestHeader,
         body: &Bytes,
-    ) -> pingora::Result<()> {
-        session.set_read_timeout(Some(self.first_byte_timeout));
-        session
-            .write_request_header(Box::new(header.clone()))
-            .await?;
-        if !body.is_empty() {
-            session.write_request_body(body.clone(), true).await?;
+    ) -> pingora::Result<HttpSession> {
+        let mut wire = http_req_header_to_wire(header).ok_or_else(|| {
+            Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "request line with a forbidden byte",
+            )
+        })?;
+        let separate = body.len() > COALESCE_MAX;
+        if !separate {
+            wire.extend_from_slice(body);
         }
-        session.finish_request_body().await?;
-        session.read_response_header().await
+        stream
+            .write_all(&wire)
+            .await
+            .or_err(ErrorType::WriteError, "writing the request")?;
+        if separate {
+            stream
+                .write_all(body)
+                .await
+                .or_err(ErrorType::WriteError, "writing the request body")?;
+        }
+        stream
+            .flush()
+            .await
+            .or_err(ErrorType::WriteError, "flushing the request")?;
+        let mut session = HttpSession::H1(Http1Session::new_with_options(stream, peer));
+        session.set_read_timeout(Some(self.first_byte_timeout));
+        session.read_response_header().await?;
+        Ok(session)
     }
 
     /// `GET path` on `peer`, parsed as JSON; for small control calls such as model listings.
@@ -240,14 +281,18 @@ impl Upstream {
         Ok((status, Ok(body)))
     }
 
-    /// Returns a fully read response's connection to the pool.
+    /// Returns a fully read response's connection to the pool, unless the response said (or
+    /// its framing means) the connection ends with it.
     pub async fn release(&self, rsp: UpstreamResponse) {
-        let UpstreamResponse { mut session, peer } = rsp;
-        if session.response_done() {
-            session.set_read_timeout(None);
-            self.connector
-                .release_http_session(session, &peer, Some(self.pool_idle))
-                .await;
+        let UpstreamResponse { mut session, key } = rsp;
+        if !session.response_done() {
+            return;
+        }
+        if let HttpSession::H1(mut h1) = session {
+            h1.respect_keepalive();
+            if let Some(stream) = h1.reuse().await {
+                self.idle.put(key, stream);
+            }
         }
     }
 }
@@ -255,7 +300,8 @@ impl Upstream {
 /// A response whose header has arrived and whose body is still on the wire.
 pub struct UpstreamResponse {
     session: HttpSession,
-    peer: HttpPeer,
+    /// The pool key of the upstream it came from.
+    key: u64,
 }
 
 impl UpstreamResponse {
@@ -279,11 +325,88 @@ fn socket_addr(peer: &HttpPeer) -> SocketAddr {
     }
 }
 
-/// Same peer, but a pool key nothing was ever released under, so the connector dials anew.
-fn fresh_peer(peer: &HttpPeer) -> HttpPeer {
-    let mut p = peer.clone();
-    p.group_key = p.group_key.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    p
+/// Idle keep-alive connections per upstream key (Pingora's reuse hash of the peer: address,
+/// TLS identity, pin), newest last: the most recently used connection is taken first, and the
+/// oldest ones age out after `max_idle` (checked whenever the key's pool is touched).
+struct IdlePool {
+    idle: Mutex<HashMap<u64, VecDeque<(Stream, Instant)>>>,
+    max_per_key: usize,
+    max_idle: Duration,
+}
+
+impl IdlePool {
+    fn new(max_per_key: usize, max_idle: Duration) -> Self {
+        IdlePool {
+            idle: Mutex::new(HashMap::new()),
+            max_per_key,
+            max_idle,
+        }
+    }
+
+    /// The newest idle connection to `key` that is still open and quiet, if any.
+    fn take(&self, key: u64) -> Option<Stream> {
+        loop {
+            let (mut stream, expired) = {
+                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                let queue = idle.get_mut(&key)?;
+                let expired = self.expire(queue);
+                match queue.pop_back() {
+                    Some((stream, _)) => (stream, expired),
+                    None => {
+                        idle.remove(&key);
+                        return None;
+                    }
+                }
+            };
+            // Closed outside the lock.
+            drop(expired);
+            if still_open(&mut stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Keeps `stream` for the next request to `key`.
+    fn put(&self, key: u64, stream: Stream) {
+        if self.max_per_key == 0 {
+            return;
+        }
+        let expired = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let queue = idle.entry(key).or_default();
+            let mut expired = self.expire(queue);
+            if queue.len() >= self.max_per_key {
+                expired.extend(queue.pop_front().map(|(s, _)| s));
+            }
+            queue.push_back((stream, Instant::now()));
+            expired
+        };
+        drop(expired);
+    }
+
+    /// Takes the connections idle longer than `max_idle` off the front of `queue`.
+    fn expire(&self, queue: &mut VecDeque<(Stream, Instant)>) -> Vec<Stream> {
+        let mut expired = Vec::new();
+        while queue
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() > self.max_idle)
+        {
+            expired.extend(queue.pop_front().map(|(s, _)| s));
+        }
+        expired
+    }
+}
+
+/// Whether an idle connection can carry a request: a read that does not wait finds nothing to
+/// read. End of stream (the server closed it), an error, or bytes nobody asked for all mean it
+/// is dropped. Run unconstrained: tokio's cooperative budget could otherwise report "not ready"
+/// for a read that is.
+fn still_open(stream: &mut Stream) -> bool {
+    let mut byte = [0u8; 1];
+    let read = tokio::task::unconstrained(stream.read(&mut byte));
+    let mut read = std::pin::pin!(read);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    read.as_mut().poll(&mut cx).is_pending()
 }
 
 impl SendError {

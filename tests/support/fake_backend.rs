@@ -71,6 +71,9 @@ pub struct FakeConfig {
     pub chunks: usize,
     /// Pause between two content chunks of a streamed reply.
     pub chunk_delay: Duration,
+    /// Models answered with their own pause between chunks instead of `chunk_delay` (a bench
+    /// serves fast and paced streams from one backend).
+    pub paced: Vec<(String, Duration)>,
     /// Pause before the response head of an inference call.
     pub first_byte_delay: Duration,
     /// Answer every inference call with this status and a dialect error body (e.g. 503).
@@ -112,6 +115,7 @@ impl FakeConfig {
             dialects,
             chunks: 8,
             chunk_delay: Duration::ZERO,
+            paced: Vec::new(),
             first_byte_delay: Duration::ZERO,
             status_override: None,
             fail_every: None,
@@ -151,6 +155,18 @@ impl FakeConfig {
     pub fn chunk_delay(mut self, d: Duration) -> Self {
         self.chunk_delay = d;
         self
+    }
+    /// `model` (which must also be in `models`) streams with `d` between chunks.
+    pub fn pace(mut self, model: &str, d: Duration) -> Self {
+        self.paced.push((model.to_string(), d));
+        self
+    }
+    /// The pause between chunks for `model`.
+    fn delay_for(&self, model: &str) -> Duration {
+        self.paced
+            .iter()
+            .find(|(m, _)| m == model)
+            .map_or(self.chunk_delay, |(_, d)| *d)
     }
     pub fn first_byte_delay(mut self, d: Duration) -> Self {
         self.first_byte_delay = d;
@@ -1056,6 +1072,7 @@ async fn ollama_generation(
     chat: bool,
 ) -> Response {
     let cfg = &shared.config;
+    let chunk_delay = cfg.delay_for(model);
     let n = cfg.chunks;
     let prompt_tokens = if chat {
         message_words(&req["messages"])
@@ -1074,10 +1091,7 @@ async fn ollama_generation(
         }
         v["done"] = json!(done);
         if done {
-            let eval = nanos(
-                cfg.chunk_delay
-                    .saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)),
-            );
+            let eval = nanos(chunk_delay.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)));
             let prompt_eval = nanos(cfg.first_byte_delay);
             v["done_reason"] = json!("stop");
             v["total_duration"] = json!(eval + prompt_eval + 1_000);
@@ -1096,17 +1110,13 @@ async fn ollama_generation(
         pause(cfg.first_byte_delay).await;
         let mut pieces = VecDeque::with_capacity(n + 1);
         for i in 0..n {
-            let delay = if i == 0 {
-                Duration::ZERO
-            } else {
-                cfg.chunk_delay
-            };
+            let delay = if i == 0 { Duration::ZERO } else { chunk_delay };
             pieces.push_back((delay, ndjson(&line(&token(i), false))));
         }
         pieces.push_back((Duration::ZERO, ndjson(&line("", true))));
         return streaming("application/x-ndjson", pieces, guard);
     }
-    pause(generation_time(cfg)).await;
+    pause(generation_time(cfg, chunk_delay)).await;
     let text: String = (0..n).map(token).collect();
     let reply = line(&text, true);
     drop(guard);
@@ -1185,6 +1195,7 @@ async fn openai_generation(
     chat: bool,
 ) -> Response {
     let cfg = &shared.config;
+    let chunk_delay = cfg.delay_for(model);
     let n = cfg.chunks;
     let prompt_tokens = if chat {
         message_words(&req["messages"])
@@ -1238,11 +1249,7 @@ async fn openai_generation(
             if include_usage {
                 v["usage"] = Value::Null;
             }
-            let delay = if i == 0 {
-                Duration::ZERO
-            } else {
-                cfg.chunk_delay
-            };
+            let delay = if i == 0 { Duration::ZERO } else { chunk_delay };
             pieces.push_back((delay, sse(&v)));
         }
         if include_usage {
@@ -1254,7 +1261,7 @@ async fn openai_generation(
         return streaming("text/event-stream", pieces, guard);
     }
 
-    pause(generation_time(cfg)).await;
+    pause(generation_time(cfg, chunk_delay)).await;
     let text: String = (0..n).map(token).collect();
     let choice = if chat {
         json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})
@@ -1388,9 +1395,9 @@ async fn pause(d: Duration) {
 }
 
 /// How long a non-streamed reply takes: as long as the streamed one would.
-fn generation_time(cfg: &FakeConfig) -> Duration {
+fn generation_time(cfg: &FakeConfig, chunk_delay: Duration) -> Duration {
     let gaps = u32::try_from(cfg.chunks.saturating_sub(1)).unwrap_or(u32::MAX);
-    cfg.first_byte_delay + cfg.chunk_delay.saturating_mul(gaps)
+    cfg.first_byte_delay + chunk_delay.saturating_mul(gaps)
 }
 
 fn token(i: usize) -> String {
