@@ -134,9 +134,9 @@ pub const RELIABLE: f64 = 0.9;
 /// picked while the keys are built (one pass), and the rest is sorted only if the caller keeps
 /// asking.
 pub fn rank_peers(peers: &[PeerView]) -> PeerRanking {
-    let mut keys = Vec::with_capacity(peers.len());
-    let mut best = [u128::MAX; BEST];
-    for (i, p) in peers.iter().enumerate() {
+    let mut keys = Vec::with_capacity(peers.len().min(MAX_RANKED));
+    let mut best = [u64::MAX; BEST];
+    for (i, p) in peers.iter().enumerate().take(MAX_RANKED) {
         if p.grant == 0 || p.our_in_flight >= p.grant || (p.probation && p.our_in_flight > 0) {
             continue;
         }
@@ -160,28 +160,38 @@ pub fn rank_peers(peers: &[PeerView]) -> PeerRanking {
     }
 }
 
-/// One peer's place in the ranking as a single integer, smaller first; the fields of the rule
-/// above from the most significant bits down, the index last (so keys are unique and ties keep
-/// the given order). Comparing one `u128` instead of a tuple of nine is what lets a thousand
-/// peers be ranked in a few microseconds.
-fn rank_key(i: usize, p: &PeerView) -> u128 {
+/// Peers ranked at most (the index has 20 bits of the key); a household has a handful.
+pub const MAX_RANKED: usize = 1 << 20;
+
+/// One peer's place in the ranking as a single integer, smaller first: the fields of the rule
+/// above from the most significant bits down, at the resolution routing needs, and the index
+/// last (so keys are unique and ties keep the given order). One `u64` compare instead of a
+/// tuple of nine is what lets a thousand peers be ranked in a few microseconds.
+///
+/// | bits  | field                                                         |
+/// |-------|---------------------------------------------------------------|
+/// | 63-60 | no free slot, probation, unreliable, cold                     |
+/// | 59-50 | 1000 - free share of the grant in per mille                   |
+/// | 49-45 | 20 - reliability step                                         |
+/// | 44-25 | latency in 0.1 ms, at most 2^20 - 1 (105 s; unmeasured: last) |
+/// | 24-20 | recent failures, at most 31                                   |
+/// | 19-0  | index                                                         |
+fn rank_key(i: usize, p: &PeerView) -> u64 {
     let free = p.free_slots.saturating_sub(p.our_in_flight).min(p.grant);
-    // Parts per million of the grant that is free, at most 1,000,000 (< 2^20). A float
-    // division is several times cheaper than a 64-bit integer one, and exact here: the
+    // A float division is several times cheaper than an integer one, and exact here: the
     // quotient of integers this small is never within rounding distance of the next integer.
-    let ratio = (free as f64 * 1_000_000.0 / p.grant as f64) as u128;
-    // Microseconds, at most 2^32 - 1 (71 minutes: an unmeasured peer sorts last by latency).
-    let latency_us = u128::from((p.latency_ms.max(0.0) * 1000.0) as u32);
-    let flags = (u128::from(free == 0) << 3)
-        | (u128::from(p.probation) << 2)
-        | (u128::from(p.reliability < RELIABLE) << 1)
-        | u128::from(!p.hot);
-    flags << 105
-        | (1_000_000 - ratio) << 85
-        | u128::from(RELIABILITY_STEPS as u8 - reliability_step(p.reliability)) << 80
-        | latency_us << 48
-        | u128::from(p.failures.min(u16::MAX as u32)) << 32
-        | (i as u128 & 0xffff_ffff)
+    let per_mille = (free as f64 * 1000.0 / p.grant as f64) as u64;
+    let latency = ((p.latency_ms.max(0.0) * 10.0) as u64).min((1 << 20) - 1);
+    let flags = (u64::from(free == 0) << 3)
+        | (u64::from(p.probation) << 2)
+        | (u64::from(p.reliability < RELIABLE) << 1)
+        | u64::from(!p.hot);
+    flags << 60
+        | (1000 - per_mille) << 50
+        | u64::from(RELIABILITY_STEPS as u8 - reliability_step(p.reliability)) << 45
+        | latency << 25
+        | u64::from(p.failures.min(31)) << 20
+        | i as u64
 }
 
 /// Candidates picked in the building pass; a request tries at most this many peers.
@@ -191,9 +201,9 @@ const BEST: usize = 4;
 #[derive(Debug, Clone)]
 pub struct PeerRanking {
     /// Rank keys of every candidate, in no order until `sorted`.
-    keys: Vec<u128>,
-    /// The smallest keys, in order (`u128::MAX` where there are fewer).
-    best: [u128; BEST],
+    keys: Vec<u64>,
+    /// The smallest keys, in order (`u64::MAX` where there are fewer).
+    best: [u64; BEST],
     /// Candidates handed out so far.
     next: usize,
     sorted: bool,
@@ -217,7 +227,7 @@ impl Iterator for PeerRanking {
             self.keys[self.next]
         };
         self.next += 1;
-        Some((key & 0xffff_ffff) as usize)
+        Some((key & 0xf_ffff) as usize)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -423,7 +433,8 @@ mod tests {
         assert_eq!(seen.len(), 1000);
     }
 
-    /// The ranking rule written the plain way: a tuple per peer, sorted whole.
+    /// The ranking rule written the plain way, at the key's resolution: a tuple per peer,
+    /// sorted whole.
     fn reference_order(peers: &[PeerView]) -> Vec<usize> {
         let mut keyed: Vec<_> = peers
             .iter()
@@ -437,10 +448,10 @@ mod tests {
                     p.probation,
                     p.reliability < RELIABLE,
                     !p.hot,
-                    Reverse(free.min(p.grant) * 1_000_000 / p.grant),
+                    Reverse(free.min(p.grant) * 1000 / p.grant),
                     Reverse(reliability_step(p.reliability)),
-                    (p.latency_ms * 1000.0) as u64,
-                    p.failures,
+                    (p.latency_ms * 10.0) as u64,
+                    p.failures.min(31),
                     i,
                 )
             })
