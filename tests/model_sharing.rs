@@ -887,11 +887,16 @@ fn a_real_gguf_moves_from_b_s_llama_server_to_a_and_answers_a_chat_there() {
                 })
         },
     );
-    let rsp = a.post(
-        "/v1/chat/completions",
-        &json!({"model": "smollm2-135m", "temperature": 0, "max_tokens": 16,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    // A CPU model on a loaded machine (2 shared cores) may take a while: patience, not speed.
+    let chat = json!({"model": "smollm2-135m", "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    .to_string();
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{chat}",
+        chat.len()
     );
+    let rsp = support::http::try_send_raw(a.api, raw.as_bytes(), Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("chat through A: {e}\n{}", a.log()));
     assert_eq!(rsp.status, 200, "{}", rsp.text());
     let answer = rsp.json()["choices"][0]["message"]["content"]
         .as_str()
