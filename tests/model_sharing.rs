@@ -513,7 +513,11 @@ fn a_serving_peer_killed_mid_pull_leaves_the_rest_to_the_other() {
     assert!(peers[&c_id].as_u64().unwrap_or(0) > 0, "{summary}");
     assert!(peers[b.node_id()].as_u64().unwrap_or(0) > 0, "{summary}");
     // The part C was sending went on from the byte it stopped at: nothing fetched twice.
-    assert_eq!(summary["arknet"]["downloaded"].as_u64(), Some(model.total()), "{summary}");
+    assert_eq!(
+        summary["arknet"]["downloaded"].as_u64(),
+        Some(model.total()),
+        "{summary}"
+    );
     assert_installed(&fake_a, &dir.path().join("a-blobs"), &source, &model);
 }
 
