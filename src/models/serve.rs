@@ -19,7 +19,6 @@ use http::Method;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use prometheus::{IntCounterVec, IntGauge, Opts};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Semaphore;
 
 use super::store::{StoreError, WeightsStore};
@@ -34,7 +33,9 @@ use crate::peers::PeerTable;
 use crate::session::{reply_error, reply_json, Outcome, OWN_HEADERS};
 
 /// Bytes read from disk and written to the peer at a time.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 512 * 1024;
+/// Chunks read ahead of the network, per transfer (memory: `READ_AHEAD * CHUNK`).
+const READ_AHEAD: usize = 4;
 
 /// Transfer counters, shared by the serving and the pulling side.
 pub struct TransferMetrics {
@@ -392,7 +393,7 @@ impl ModelServer {
                 return (Outcome::answered(416, ok), 0, None);
             }
         };
-        let mut file = match tokio::fs::File::open(path).await {
+        let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot open a shared blob");
@@ -400,12 +401,6 @@ impl ModelServer {
                 return (reply_error(s, Dialect::OpenAi, &e).await, 0, None);
             }
         };
-        if start > 0 {
-            if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
-                let e = api_error(500, "weights_unreadable", e.to_string());
-                return (reply_error(s, Dialect::OpenAi, &e).await, 0, None);
-            }
-        }
         let content_range = (status == 206).then(|| format!("bytes {start}-{}/{size}", end - 1));
         if !write_head(s, status, end - start, content_range).await {
             return (
@@ -418,21 +413,46 @@ impl ModelServer {
             let ok = s.write_response_body(Bytes::new(), true).await.is_ok();
             return (Outcome::answered(status, ok), 0, None);
         }
+        // Disk reads run ahead of the network writes (a few chunks, bounded), on a blocking
+        // thread, so neither waits for the other; the reader stops when this side hangs up.
+        let (tx, mut chunks) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut at = start;
+            while at < end {
+                let n = ((end - at) as usize).min(CHUNK);
+                let mut buf = BytesMut::zeroed(n);
+                let read = file.read_exact_at(&mut buf, at).map(|()| buf.freeze());
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+                at += n as u64;
+            }
+        });
         let mut left = end - start;
         let mut sent = 0u64;
-        let mut buf = BytesMut::new();
         while left > 0 {
-            let want = (left as usize).min(CHUNK);
-            buf.resize(want, 0);
-            if let Err(e) = file.read_exact(&mut buf[..want]).await {
-                // The file shrank under us: the peer will see a short body and the sha256
-                // check on its side refuses the layer.
-                return (
-                    Outcome::answered(status, false),
-                    sent,
-                    Some(format!("read: {e}")),
-                );
-            }
+            let chunk = match chunks.recv().await {
+                Some(Ok(chunk)) => chunk,
+                // The file shrank under us: the peer sees a short body, and the sha256 check
+                // on its side refuses the layer.
+                Some(Err(e)) => {
+                    return (
+                        Outcome::answered(status, false),
+                        sent,
+                        Some(format!("read: {e}")),
+                    )
+                }
+                None => {
+                    return (
+                        Outcome::answered(status, false),
+                        sent,
+                        Some("reader stopped".into()),
+                    )
+                }
+            };
+            let want = chunk.len();
             // A peer revoked, or whose pull permission was withdrawn, stops getting bytes.
             let approvals = self.peers.approvals();
             let still = approvals
@@ -449,8 +469,7 @@ impl ModelServer {
                 let at = self.pacer.slot(&peer.public_key, want, rate);
                 tokio::time::sleep_until(at.into()).await;
             }
-            left -= want as u64;
-            let chunk = buf.split_to(want).freeze();
+            left = left.saturating_sub(want as u64);
             if s.write_response_body(chunk, left == 0).await.is_err() {
                 return (
                     Outcome::answered(status, false),
