@@ -327,7 +327,7 @@ async fn https_only_and_slow_headers_are_cut() {
     let mut buf = Vec::new();
     let _ = plain.read_to_end(&mut buf);
     assert!(
-        !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"),
+        !String::from_utf8_lossy(&buf).starts_with("HTTP/"),
         "plain HTTP answered: {}",
         String::from_utf8_lossy(&buf)
     );
