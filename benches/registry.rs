@@ -136,7 +136,10 @@ async fn store_heartbeats(store: Arc<Store>, count: u64) {
                     .await
                     .expect("binding");
                 if validate_write(&hb, stored.as_ref(), owner.as_deref(), now(), &policy).is_ok() {
-                    store.put(&hb, true).await.expect("put");
+                    store
+                        .put(&hb, true, stored.as_ref().map(|s| s.models.as_str()))
+                        .await
+                        .expect("put");
                     done += 1;
                 }
                 n += WRITERS as u64;

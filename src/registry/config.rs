@@ -262,4 +262,21 @@ mod tests {
         let (line, key, _) = invalid(&format!("{head}\nmax_ttl_secs = 0\n"));
         assert_eq!((line, key.as_str()), (4, "max_ttl_secs"));
     }
+
+    #[test]
+    fn the_shipped_config_is_valid_with_its_certificate_files_present() {
+        let (dir, _) = files();
+        let shipped = include_str!("../../conf/registry.toml")
+            .replace(
+                "/etc/arknet/registry.crt",
+                &dir.path().join("c.pem").display().to_string(),
+            )
+            .replace(
+                "/etc/arknet/registry.key",
+                &dir.path().join("k.pem").display().to_string(),
+            );
+        let c = RegistryConfig::parse(&shipped, Path::new("conf/registry.toml")).expect("valid");
+        assert!(c.reachability_check && !c.policy.allow_private);
+        assert_eq!(c.writes_per_key_per_minute, 30);
+    }
 }

@@ -115,6 +115,8 @@ pub struct Stored {
     pub endpoint: String,
     /// Whether the registry reached the stored endpoint.
     pub reachable: bool,
+    /// The stored models, canonical (sorted, deduplicated, joined with `,`).
+    pub models: String,
 }
 
 /// Why a write was refused; each has a stable code and an HTTP status.
@@ -233,13 +235,20 @@ impl Refusal {
 }
 
 impl Record {
+    /// The models as the canonical encoding and the store hold them: sorted, deduplicated,
+    /// joined with `,`.
+    pub fn canonical_models(&self) -> String {
+        let mut models: Vec<&str> = self.models.iter().map(String::as_str).collect();
+        models.sort_unstable();
+        models.dedup();
+        models.join(",")
+    }
+
     /// The exact bytes a node signs: UTF-8 lines `key=value\n` in this fixed order, after the
     /// domain line; models sorted, deduplicated and joined with `,`. Names may not contain `,`
     /// or control characters ([`validate_write`] refuses them), so the encoding is unambiguous.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut models: Vec<&str> = self.models.iter().map(String::as_str).collect();
-        models.sort_unstable();
-        models.dedup();
+        let models = self.canonical_models();
         let mut out = String::with_capacity(256);
         // Writing to a String cannot fail.
         let _ = write!(
@@ -248,7 +257,7 @@ impl Record {
             self.node_id,
             self.public_key,
             self.endpoint,
-            models.join(","),
+            models,
             self.seq,
             self.issued_at,
             self.expires
@@ -635,6 +644,7 @@ mod tests {
             seq: 4,
             endpoint: "8.8.4.4:7443".into(),
             reachable: true,
+            models: String::new(),
         };
         check(&public_record(&s).sign(&s), Some(&stored)).expect("seq above stored");
     }
@@ -676,6 +686,7 @@ mod tests {
             seq: 5,
             endpoint: "8.8.4.4:7443".into(),
             reachable: true,
+            models: String::new(),
         };
         let same = public_record(&s).sign(&s);
         let err = check(&same, Some(&stored)).expect_err("same seq");
@@ -860,6 +871,7 @@ mod tests {
             seq: 5,
             endpoint: "8.8.4.4:7443".into(),
             reachable: true,
+            models: String::new(),
         };
         let p = Policy::default();
         let ok = DeleteRequest::signed("ark-test", &s, 6, NOW);

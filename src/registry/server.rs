@@ -336,7 +336,15 @@ async fn register(
         },
         _ => check_reachable(&state, &r.endpoint, &r.public_key).await,
     };
-    match state.store.put(&signed, reach.reachable).await {
+    match state
+        .store
+        .put(
+            &signed,
+            reach.reachable,
+            stored.as_ref().map(|s| s.models.as_str()),
+        )
+        .await
+    {
         Ok(PutOutcome::Stored) => {}
         Ok(PutOutcome::Replay) => {
             let stored_seq = stored.map_or(0, |s| s.seq);

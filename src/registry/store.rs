@@ -169,7 +169,7 @@ impl Store {
         node_id: &str,
     ) -> Result<(Option<Stored>, Option<String>), StoreError> {
         let rows = sqlx::query(
-            "SELECT node_id, public_key, seq, endpoint, reachable, deleted FROM registry_records
+            "SELECT node_id, public_key, seq, endpoint, reachable, deleted, models FROM registry_records
              WHERE public_key = $1 OR node_id = $2",
         )
         .bind(public_key)
@@ -185,6 +185,7 @@ impl Store {
                 seq: as_u64(row.try_get(2)?),
                 endpoint: row.try_get(3)?,
                 reachable: row.try_get::<i64, _>(4)? != 0 && row.try_get::<i64, _>(5)? == 0,
+                models: row.try_get(6)?,
             };
             if s.node_id == node_id {
                 owner = Some(s.public_key.clone());
@@ -196,45 +197,52 @@ impl Store {
         Ok((stored, owner))
     }
 
-    /// Stores a validated record in one transaction, only if its seq is above the stored one
-    /// (a concurrent writer may have won since validation).
+    /// Stores a validated record, only if its seq is above the stored one (a concurrent writer
+    /// may have won since validation). `stored_models` is what [`Store::binding`] read: when the
+    /// models did not change (a heartbeat), the write is one statement; otherwise the record
+    /// and its model index change in one transaction.
     pub async fn put(
         &self,
         signed: &SignedRecord,
         reachable: bool,
+        stored_models: Option<&str>,
     ) -> Result<PutOutcome, StoreError> {
         let r = &signed.record;
-        let mut models: Vec<&str> = r.models.iter().map(String::as_str).collect();
-        models.sort_unstable();
-        models.dedup();
-        let mut tx = self.pool.begin().await?;
-        let upsert = sqlx::query(UPSERT)
-            .bind(&r.public_key)
-            .bind(&r.node_id)
-            .bind(&r.endpoint)
-            .bind(models.join(","))
-            .bind(as_i64(r.seq))
-            .bind(as_i64(r.issued_at))
-            .bind(as_i64(r.expires))
-            .bind(&signed.signature)
-            .bind(i64::from(reachable))
-            .execute(&mut *tx)
-            .await;
-        let done = match upsert {
-            Ok(done) => done,
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Ok(PutOutcome::NodeIdTaken)
-            }
-            Err(e) => return Err(e.into()),
+        let models = r.canonical_models();
+        let bind = |q: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>| {
+            q.bind(r.public_key.clone())
+                .bind(r.node_id.clone())
+                .bind(r.endpoint.clone())
+                .bind(models.clone())
+                .bind(as_i64(r.seq))
+                .bind(as_i64(r.issued_at))
+                .bind(as_i64(r.expires))
+                .bind(signed.signature.clone())
+                .bind(i64::from(reachable))
         };
-        if done.rows_affected() == 0 {
-            return Ok(PutOutcome::Replay);
+        let upsert_outcome = |done: Result<sqlx::any::AnyQueryResult, sqlx::Error>| match done {
+            Ok(done) if done.rows_affected() == 0 => Ok(Some(PutOutcome::Replay)),
+            Ok(_) => Ok(None),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Ok(Some(PutOutcome::NodeIdTaken))
+            }
+            Err(e) => Err(StoreError::from(e)),
+        };
+        if stored_models == Some(models.as_str()) {
+            // Auto-committed single statement: committed before the answer all the same.
+            let done = bind(sqlx::query(UPSERT)).execute(&self.pool).await;
+            return Ok(upsert_outcome(done)?.unwrap_or(PutOutcome::Stored));
+        }
+        let mut tx = self.pool.begin().await?;
+        let done = bind(sqlx::query(UPSERT)).execute(&mut *tx).await;
+        if let Some(outcome) = upsert_outcome(done)? {
+            return Ok(outcome);
         }
         sqlx::query("DELETE FROM registry_models WHERE public_key = $1")
             .bind(&r.public_key)
             .execute(&mut *tx)
             .await?;
-        for m in models {
+        for m in models.split(',').filter(|m| !m.is_empty()) {
             sqlx::query("INSERT INTO registry_models (model, public_key) VALUES ($1, $2)")
                 .bind(m)
                 .bind(&r.public_key)
@@ -468,7 +476,10 @@ mod tests {
             Some("wal")
         );
         let w = signed(1, 1, &["qwen3:8b"]);
-        assert_eq!(store.put(&w, true).await.expect("put"), PutOutcome::Stored);
+        assert_eq!(
+            store.put(&w, true, None).await.expect("put"),
+            PutOutcome::Stored
+        );
         store.close().await;
         let url = format!("sqlite:{}", dir.path().join("registry.db").display());
         let again = Store::open(&url).await.expect("reopen");
@@ -480,19 +491,22 @@ mod tests {
     async fn writes_keep_seq_monotonic_and_ids_bound_to_one_key() {
         let (_dir, store) = sqlite().await;
         let w = signed(1, 5, &["a"]);
-        store.put(&w, true).await.expect("put");
+        store.put(&w, true, None).await.expect("put");
         assert_eq!(
-            store.put(&w, true).await.expect("same seq"),
+            store.put(&w, true, None).await.expect("same seq"),
             PutOutcome::Replay
         );
         assert_eq!(
-            store.put(&signed(1, 4, &["a"]), true).await.expect("lower"),
+            store
+                .put(&signed(1, 4, &["a"]), true, None)
+                .await
+                .expect("lower"),
             PutOutcome::Replay
         );
         let mut thief = signed(2, 1, &["a"]);
         thief.record.node_id = "node-1".into();
         assert_eq!(
-            store.put(&thief, true).await.expect("thief"),
+            store.put(&thief, true, None).await.expect("thief"),
             PutOutcome::NodeIdTaken
         );
         let (stored, owner) = store
@@ -526,7 +540,10 @@ mod tests {
             } else {
                 &["all"]
             };
-            store.put(&signed(n, 1, models), n != 9).await.expect("put");
+            store
+                .put(&signed(n, 1, models), n != 9, None)
+                .await
+                .expect("put");
         }
         let mut seen = Vec::new();
         let mut after = String::new();
@@ -578,7 +595,7 @@ mod tests {
     async fn delete_leaves_a_tombstone_that_refuses_replays() {
         let (_dir, store) = sqlite().await;
         let w = signed(1, 5, &["a"]);
-        store.put(&w, true).await.expect("put");
+        store.put(&w, true, None).await.expect("put");
         assert!(!store
             .delete(&w.record.public_key, 5, NOW + 300)
             .await
@@ -594,7 +611,7 @@ mod tests {
             .expect("model")
             .is_empty());
         assert_eq!(
-            store.put(&w, true).await.expect("replayed"),
+            store.put(&w, true, None).await.expect("replayed"),
             PutOutcome::Replay
         );
         let (stored, _) = store
@@ -603,12 +620,57 @@ mod tests {
             .expect("b");
         assert_eq!(stored.map(|s| s.seq), Some(6));
         assert_eq!(
-            store.put(&signed(1, 7, &["b"]), true).await.expect("newer"),
+            store
+                .put(&signed(1, 7, &["b"]), true, None)
+                .await
+                .expect("newer"),
             PutOutcome::Stored
         );
         assert_eq!(
             store.by_model("b", "", 10, NOW).await.expect("model").len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn heartbeats_with_the_same_models_keep_the_model_index() {
+        let (_dir, store) = sqlite().await;
+        store
+            .put(&signed(1, 1, &["a", "b"]), true, None)
+            .await
+            .expect("put");
+        let (stored, _) = store
+            .binding(&signed(1, 1, &[]).record.public_key, "node-1")
+            .await
+            .expect("b");
+        let models = stored.map(|s| s.models).expect("stored");
+        assert_eq!(models, "a,b");
+        let beat = signed(1, 2, &["b", "a"]);
+        assert_eq!(
+            store.put(&beat, true, Some(&models)).await.expect("beat"),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            store.put(&beat, true, Some(&models)).await.expect("again"),
+            PutOutcome::Replay
+        );
+        assert_eq!(
+            store.by_model("a", "", 10, NOW).await.expect("a")[0]
+                .signed
+                .record
+                .seq,
+            2
+        );
+        let moved = signed(1, 3, &["c"]);
+        store
+            .put(&moved, true, Some(&models))
+            .await
+            .expect("changed");
+        assert!(store
+            .by_model("a", "", 10, NOW)
+            .await
+            .expect("a")
+            .is_empty());
+        assert_eq!(store.by_model("c", "", 10, NOW).await.expect("c").len(), 1);
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::grid::{free_port, loopback_ip, ARKNET};
+use super::grid::{free_port, ARKNET};
 
 /// A registry process; killed by its PID when dropped.
 pub struct RegistryProc {
@@ -39,7 +39,6 @@ impl RegistryProc {
         let dir = tempfile::tempdir().expect("tempdir");
         // `localhost` resolves to 127.0.0.1: the registry listens there.
         let ip = std::net::Ipv4Addr::LOCALHOST;
-        let _ = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)));
         let (cert, key) = write_cert(dir.path());
         let data_dir = dir.path().join("data");
