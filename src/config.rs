@@ -493,22 +493,12 @@ impl Config {
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_config(path)?, path)
     }
 
     /// Validates `text` as if read from `path` (which only labels errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        // serde_path_to_error names the key being read when an error strikes; toml gives the
-        // span (and so the line). A syntax error has no key yet: the table above names it.
-        let de = toml::Deserializer::parse(text).map_err(|e| parse_error(path, text, &e, None))?;
-        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = dotted(e.path());
-            parse_error(path, text, e.inner(), Some(key).filter(|k| !k.is_empty()))
-        })?;
+        let file: FileConfig = parse_toml(text, path)?;
         Self::from_file(file, path, text)
     }
 
@@ -763,6 +753,28 @@ pub fn valid_node_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A config file's text; a read error names the file.
+pub(crate) fn read_config(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `text` (read from `path`, which labels errors) deserialized as `T`. serde_path_to_error
+/// names the key being read when an error strikes; toml gives the span (and so the line). A
+/// syntax error has no key yet: the table above names it.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| parse_error(path, text, &e, None))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = dotted(e.path());
+        parse_error(path, text, e.inner(), Some(key).filter(|k| !k.is_empty()))
+    })
 }
 
 pub(crate) fn parse_error(

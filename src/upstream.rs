@@ -318,6 +318,19 @@ impl UpstreamResponse {
     }
 }
 
+/// Percent-encodes a query value: everything but RFC 3986's unreserved characters (base64
+/// keys hold `+`, `/` and `=`; model names `:` and `/`).
+pub fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn socket_addr(peer: &HttpPeer) -> SocketAddr {
     match &peer._address {
         pingora::protocols::l4::socket::SocketAddr::Inet(a) => *a,

@@ -286,7 +286,7 @@ async fn refusal_matrix(reg: &RegistryProc, reader: Option<&RegistryProc>) {
         eprintln!("  {case}: {status} {code}");
     }
     // The owner's record is intact: the last accepted write, signed by the owner.
-    let key = arknet::discovery::registry::urlencode(&owner.public_key().to_string());
+    let key = arknet::upstream::query_value(&owner.public_key().to_string());
     let got = c
         .call("GET", &format!("/registry/v1/record?key={key}"), None)
         .await
@@ -672,7 +672,7 @@ fn two_nodes_find_each_other_only_through_the_registry_and_route_a_chat() {
 
     // A clean shutdown withdraws b's record.
     b.node.terminate();
-    let key = arknet::discovery::registry::urlencode(&b_key);
+    let key = arknet::upstream::query_value(&b_key);
     assert_eventually(
         Duration::from_secs(10),
         "b's record withdrawn at shutdown",
@@ -696,7 +696,7 @@ fn two_nodes_find_each_other_only_through_the_registry_and_route_a_chat() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let key = arknet::discovery::registry::urlencode(&a_key);
+    let key = arknet::upstream::query_value(&a_key);
     let gone = rt
         .block_on(c.call("GET", &format!("/registry/v1/record?key={key}"), None))
         .expect("look-up");

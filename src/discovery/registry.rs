@@ -102,7 +102,7 @@ impl Publisher {
     pub async fn status(&self) -> Result<Option<Listed>, String> {
         let path = format!(
             "/registry/v1/record?key={}",
-            urlencode(&self.signer.public_key().to_string())
+            crate::upstream::query_value(&self.signer.public_key().to_string())
         );
         let answer = self.client.call("GET", &path, None).await?;
         match answer.status {
@@ -115,25 +115,16 @@ impl Publisher {
     }
 }
 
-/// Percent-encodes a query value (base64 keys hold `+`, `/` and `=`).
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Every listed record, all pages, checking each record's own signature (the registry signs
 /// the answer; the node's signature shows the registry did not alter the record).
 pub async fn fetch_all(client: &RegistryClient, max_pages: usize) -> Result<Vec<Listed>, String> {
     let mut out = Vec::new();
     let mut after = String::new();
     for _ in 0..max_pages {
-        let path = format!("/registry/v1/records?limit=500&after={}", urlencode(&after));
+        let path = format!(
+            "/registry/v1/records?limit=500&after={}",
+            crate::upstream::query_value(&after)
+        );
         let answer = client.call("GET", &path, None).await?;
         if answer.status != 200 {
             return Err(format!(
@@ -392,6 +383,6 @@ mod tests {
 
     #[test]
     fn query_values_are_percent_encoded() {
-        assert_eq!(urlencode("a+b/c="), "a%2Bb%2Fc%3D");
+        assert_eq!(crate::upstream::query_value("a+b/c="), "a%2Bb%2Fc%3D");
     }
 }

@@ -385,7 +385,10 @@ impl Puller {
                 why = format!("{}: identity not yet known", offer.node_id);
                 continue;
             };
-            let path = format!("{MANIFEST_PATH}?model={}", encode(model));
+            let path = format!(
+                "{MANIFEST_PATH}?model={}",
+                crate::upstream::query_value(model)
+            );
             match self
                 .upstream
                 .get_raw(&peer, MESH_SNI, &path, self.client.own_headers())
@@ -690,7 +693,7 @@ impl WorkerCtx {
         let failed = |at: u64, why: String| Fetch::Failed { at, why };
         let path = format!(
             "{BLOB_PATH}?model={}&digest={}",
-            encode(&self.job.model),
+            crate::upstream::query_value(&self.job.model),
             self.job.digest
         );
         let Ok(mut req) =
@@ -818,25 +821,11 @@ impl WorkerCtx {
     }
 }
 
-/// Percent-encodes a query value (model names carry `:` and `/`).
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn query_values_round_trip() {
-        let e = encode("me/m:q4 x");
+        let e = crate::upstream::query_value("me/m:q4 x");
         assert_eq!(e, "me%2Fm%3Aq4%20x");
         assert_eq!(
             super::super::serve::query_param(Some(&format!("model={e}")), "model").as_deref(),

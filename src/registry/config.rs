@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{dotted, line_of, parse_error, ConfigError, ConnectionLimits};
+use crate::config::{line_of, parse_toml, read_config, ConfigError, ConnectionLimits};
 
 use super::record::Policy;
 
@@ -117,21 +117,13 @@ impl RegistryConfig {
     /// Reads and validates `path`; relative paths in it are relative to the working directory,
     /// as the node's are.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_config(path)?, path)
     }
 
     /// Validates `text` as if read from `path`; also checks that the certificate and key files
     /// can be read, so `--check` catches what `serve` would fail on.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| parse_error(path, text, &e, None))?;
-        let file: FileRegistryConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = dotted(e.path());
-            parse_error(path, text, e.inner(), Some(key).filter(|k| !k.is_empty()))
-        })?;
+        let file: FileRegistryConfig = parse_toml(text, path)?;
         let invalid =
             |key: &str, span: std::ops::Range<usize>, message: String| ConfigError::Invalid {
                 path: path.to_path_buf(),
