@@ -70,14 +70,6 @@ impl Handler for Gateway {
             false => Err(ApiError::misdirected(host.unwrap_or_default())),
         }
         .and_then(|e| self.same_site_or_safe(s, e));
-        if let Some(models) = self.models.as_ref().filter(|_| {
-            path == crate::models::api::PULL_PATH && matches!(&endpoint, Err(e) if e.status == 404)
-        }) {
-            let outcome = models.serve(s).await;
-            self.record(crate::models::api::PULL_PATH, &outcome, started);
-            self.metrics.in_flight.dec();
-            return outcome.reusable;
-        }
         let outcome = match endpoint {
             Err(e) => reply_error(s, dialect, &e).await,
             Ok(Endpoint::Admin) => self.admin.serve(s, &path).await,
@@ -104,6 +96,10 @@ impl Handler for Gateway {
             Ok(Endpoint::OllamaPs) => reply_json(s, 200, &self.ollama_ps().await).await,
             Ok(Endpoint::OllamaVersion) => reply_json(s, 200, &self.ollama_version().await).await,
             Ok(Endpoint::Model(d)) => self.forward_model(s, d, &path, started).await,
+            Ok(Endpoint::Pull) => match &self.models {
+                Some(models) => models.serve(s).await,
+                None => reply_error(s, dialect, &ApiError::no_route(&path)).await,
+            },
         };
         self.record(route, &outcome, started);
         self.metrics.in_flight.dec();
@@ -275,7 +271,7 @@ impl Gateway {
 
 /// A stable metric label for a path (a closed set, whatever clients send).
 fn route_label(path: &str) -> &'static str {
-    const KNOWN: [&str; 14] = [
+    const KNOWN: [&str; 15] = [
         "/health",
         "/metrics",
         "/v1/models",
@@ -289,6 +285,7 @@ fn route_label(path: &str) -> &'static str {
         "/api/show",
         "/api/tags",
         "/api/ps",
+        "/api/pull",
         "/api/version",
     ];
     if path.starts_with("/peers") || ["/status", "/audit", "/", "/admin"].contains(&path) {

@@ -391,6 +391,23 @@ fn an_ollama_model_moves_byte_for_byte_and_is_installed_through_blobs_and_create
 fn a_pull_nobody_offers_goes_to_the_local_ollama_unchanged() {
     let dir = tempfile::tempdir().expect("tmp");
     let (fake_a, a) = node(None, &dir.path().join("a-blobs"), "");
+    // Another site's page may not make the owner's node download anything, and a GET is not
+    // a pull: neither reaches the local Ollama.
+    let page = format!(
+        "POST /api/pull HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nSec-Fetch-Site: cross-site\r\nOrigin: http://evil.example\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{}",
+        r#"{"model":"llama3.2"}"#
+    );
+    let rsp = support::http::try_send_raw(a.api, page.as_bytes(), Duration::from_secs(30))
+        .expect("answered");
+    assert_eq!(rsp.status, 403, "{}", rsp.text());
+    let get = "GET /api/pull HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let rsp = support::http::try_send_raw(a.api, get.as_bytes(), Duration::from_secs(30))
+        .expect("answered");
+    assert_eq!(rsp.status, 405, "{}", rsp.text());
+    assert!(
+        fake_a.request_to("/api/pull").is_none(),
+        "nothing reached Ollama"
+    );
     let rsp = a.post(
         "/api/pull",
         &json!({"model": "llama3.2", "insecure": false}),

@@ -26,6 +26,9 @@ pub enum Endpoint {
     Admin,
     /// `GET /` (or `/admin`): the admin page.
     AdminPage,
+    /// `POST /api/pull`: Ollama's model download, served from the grid when a peer shares the
+    /// model, else passed to the local Ollama.
+    Pull,
 }
 
 /// Paths that take a JSON body with a `model` field, per dialect.
@@ -77,6 +80,8 @@ pub fn classify(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
         "/api/ps" => get(Endpoint::OllamaPs),
         "/api/version" => get(Endpoint::OllamaVersion),
         "/status" | "/peers" | "/audit" => Ok(Endpoint::Admin),
+        "/api/pull" if method == Method::POST => Ok(Endpoint::Pull),
+        "/api/pull" => Err(ApiError::method_not_allowed("POST")),
         p if p.starts_with("/peers/") => Ok(Endpoint::Admin),
         p if OPENAI_MODEL_PATHS.contains(&p) || OLLAMA_MODEL_PATHS.contains(&p) => {
             if method == Method::POST {
@@ -118,6 +123,16 @@ pub fn model_of(body: &[u8]) -> Result<String, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_post_to_api_pull_is_a_pull() {
+        assert_eq!(
+            classify(&Method::POST, "/api/pull").ok(),
+            Some(Endpoint::Pull)
+        );
+        let e = classify(&Method::GET, "/api/pull").expect_err("refused");
+        assert_eq!(e.status, 405);
+    }
 
     #[test]
     fn a_body_that_is_not_utf8_json_is_refused_whole() {
