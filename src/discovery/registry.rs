@@ -249,6 +249,8 @@ pub struct RegistryDiscovery {
 
 /// Registry look-ups stop after this many pages (500 records each) per fetch.
 const MAX_PAGES: usize = 20;
+/// Pinned hellos to registry-listed nodes in flight at once.
+const PROVING_AT_ONCE: usize = 16;
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for RegistryDiscovery {
@@ -330,6 +332,9 @@ impl RegistryDiscovery {
             }
         };
         let own = self.publisher.signer.public_key();
+        // A registry may list thousands of records (or a hostile one, any addresses it likes):
+        // the node proves them a few at a time, never dialling them all at once.
+        let dials = std::sync::Arc::new(tokio::sync::Semaphore::new(PROVING_AT_ONCE));
         let mut proving = tokio::task::JoinSet::new();
         for l in listed {
             let r = l.signed.record;
@@ -343,7 +348,11 @@ impl RegistryDiscovery {
                 continue;
             }
             let client = self.client.clone();
-            proving.spawn(async move { (key, addr, client.hello(addr, Some(&key)).await) });
+            let dials = dials.clone();
+            proving.spawn(async move {
+                let _dial = dials.acquire_owned().await;
+                (key, addr, client.hello(addr, Some(&key)).await)
+            });
         }
         while let Some(done) = proving.join_next().await {
             let Ok((key, addr, verdict)) = done else {
