@@ -264,12 +264,16 @@ impl pingora::services::background::BackgroundService for RegistryDiscovery {
         let heartbeat = std::time::Duration::from_secs((self.publisher.ttl / 3).max(1));
         let mut beat_at = tokio::time::Instant::now();
         let mut fetch_at = tokio::time::Instant::now();
-        let mut registered = false;
+        // Whether a registration was ever sent: the registry may hold our record even when the
+        // answer was lost or the latest heartbeat failed, so shutdown withdraws it whenever one
+        // may exist.
+        let mut attempted = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(beat_at) => {
                     // A failed registration is retried sooner than a heartbeat.
-                    registered = self.beat().await;
+                    attempted = true;
+                    let registered = self.beat().await;
                     let next = if registered { heartbeat } else { heartbeat.min(std::time::Duration::from_secs(5)) };
                     beat_at = tokio::time::Instant::now() + super::jittered(next);
                 }
@@ -280,7 +284,7 @@ impl pingora::services::background::BackgroundService for RegistryDiscovery {
                 _ = shutdown.changed() => break,
             }
         }
-        if registered {
+        if attempted {
             match tokio::time::timeout(
                 std::time::Duration::from_secs(3),
                 self.publisher.deregister(),
@@ -288,6 +292,7 @@ impl pingora::services::background::BackgroundService for RegistryDiscovery {
             .await
             {
                 Ok(Ok(a)) if a.status == 200 => tracing::info!("registry record withdrawn"),
+                Ok(Ok(a)) if a.status == 404 => tracing::debug!("no registry record to withdraw"),
                 Ok(Ok(a)) => {
                     tracing::warn!(status = a.status, answer = %a.json(), "registry refused the withdrawal")
                 }
