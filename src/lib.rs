@@ -456,9 +456,16 @@ impl Node {
                 .join("arknet-upgrade.sock")
                 .to_string_lossy()
                 .into_owned(),
-            // On SIGTERM the listeners stop accepting at once; in-flight requests (and the mDNS
-            // goodbye) get the grace period; then the runtimes are dropped.
-            grace_period_seconds: Some(self.config.shutdown_grace_secs),
+            // On SIGTERM the listeners stop accepting at once; in-flight requests get the grace
+            // period and the goodbyes (mDNS, registry withdrawal) at least `GOODBYE_BUDGET`;
+            // then the runtimes are dropped.
+            grace_period_seconds: Some(
+                crate::shutdown::pingora_grace(
+                    std::time::Duration::from_secs(self.config.shutdown_grace_secs),
+                    self.config.mdns || self.config.registry.is_some(),
+                )
+                .as_secs(),
+            ),
             graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         }

@@ -39,16 +39,40 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// Time the goodbyes (the mDNS goodbye, the registry withdrawal with its 3 s timeout) get at
+/// shutdown, whatever the request grace period says: with `shutdown_grace_secs = 0` Pingora
+/// dropped the runtimes at once and a registry record stayed listed until its TTL ran out.
+pub const GOODBYE_BUDGET: Duration = Duration::from_secs(4);
+
+/// The grace period to give Pingora: the request grace, or the goodbye budget when a
+/// background service has a goodbye to send. The drain watcher ends the process as soon as
+/// everything is done, so a longer bound costs nothing when the goodbyes are quick.
+pub fn pingora_grace(request_grace: Duration, has_goodbyes: bool) -> Duration {
+    if has_goodbyes {
+        request_grace.max(GOODBYE_BUDGET)
+    } else {
+        request_grace
+    }
+}
+
+/// Whether the process may exit now: every goodbye was sent, and no request is in flight
+/// unless the request grace period is over.
+fn drained(in_flight: usize, requests_over: bool, background_done: &[Arc<AtomicBool>]) -> bool {
+    (in_flight == 0 || requests_over) && background_done.iter().all(|d| d.load(Ordering::SeqCst))
+}
+
 /// Watches Pingora's execution phases from its own thread; once the grace period starts, ends
-/// the process as soon as `in_flight` is zero and every `background_done` flag (the mDNS
-/// goodbye, the registry withdrawal) is set,
-/// or leaves it to Pingora when the grace period runs out first.
+/// the process as soon as `in_flight` is zero (or `request_grace` is over) and every
+/// `background_done` flag (the mDNS goodbye, the registry withdrawal) is set, or leaves it to
+/// Pingora when its grace period ([`pingora_grace`]) runs out first.
 pub fn exit_when_drained(
     mut phases: broadcast::Receiver<ExecutionPhase>,
     in_flight: Arc<InFlight>,
     background_done: Vec<Arc<AtomicBool>>,
-    grace: Duration,
+    request_grace: Duration,
 ) {
+    let has_goodbyes = background_done.iter().any(|d| !d.load(Ordering::SeqCst));
+    let grace = pingora_grace(request_grace, has_goodbyes);
     let spawned = std::thread::Builder::new()
         .name("arknet drain".to_string())
         .spawn(move || {
@@ -59,20 +83,61 @@ pub fn exit_when_drained(
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if in_flight.count() == 0
-                    && background_done.iter().all(|d| d.load(Ordering::SeqCst))
-                {
+            let start = Instant::now();
+            let deadline = start + grace;
+            let requests_over = start + request_grace;
+            loop {
+                let now = Instant::now();
+                if drained(in_flight.count(), now >= requests_over, &background_done) {
                     tracing::info!(
                         "nothing in flight; exiting without waiting for the grace period"
                     );
                     std::process::exit(0);
+                }
+                if now >= deadline {
+                    break;
                 }
                 std::thread::sleep(DRAIN_POLL);
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no drain watcher; shutdown waits the whole grace period");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goodbyes_get_their_budget_even_with_no_request_grace() {
+        assert_eq!(pingora_grace(Duration::ZERO, true), GOODBYE_BUDGET);
+        assert_eq!(pingora_grace(Duration::ZERO, false), Duration::ZERO);
+        let long = Duration::from_secs(30);
+        assert_eq!(pingora_grace(long, true), long);
+    }
+
+    #[test]
+    fn exit_waits_for_every_goodbye_and_for_requests_within_their_grace() {
+        let pending = vec![
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        assert!(!drained(0, false, &pending), "a goodbye is still pending");
+        assert!(
+            !drained(0, true, &pending),
+            "request grace over, goodbye still pending"
+        );
+        pending[1].store(true, Ordering::SeqCst);
+        assert!(drained(0, false, &pending));
+        assert!(
+            !drained(2, false, &pending),
+            "requests in flight within their grace"
+        );
+        assert!(
+            drained(2, true, &pending),
+            "request grace over: they are cut"
+        );
+        assert!(drained(0, false, &[]));
     }
 }
