@@ -223,6 +223,8 @@ impl Node {
                 }
             })?,
         );
+        // Buffered lines are written out before the process ends (see shutdown.rs).
+        let audit_at_exit = audit.clone();
         let node = NodeInfo {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
@@ -378,6 +380,7 @@ impl Node {
             in_flight.clone(),
             vec![background_done, registry_done],
             std::time::Duration::from_secs(config.shutdown_grace_secs),
+            move || audit_at_exit.flush(),
         );
         let limits = config.connections.clone();
         let api_app = App::new(gateway, limits.clone()).counting(in_flight.clone());

@@ -65,11 +65,17 @@ fn drained(in_flight: usize, requests_over: bool, background_done: &[Arc<AtomicB
 /// the process as soon as `in_flight` is zero (or `request_grace` is over) and every
 /// `background_done` flag (the mDNS goodbye, the registry withdrawal) is set, or leaves it to
 /// Pingora when its grace period ([`pingora_grace`]) runs out first.
+///
+/// `before_exit` (writing out the buffered audit lines) runs right before this thread ends the
+/// process; when Pingora ends it instead, it runs every [`DRAIN_POLL`] from the end of the grace
+/// period until the process is gone, so that only a request finishing in that last moment
+/// could lose its line.
 pub fn exit_when_drained(
     mut phases: broadcast::Receiver<ExecutionPhase>,
     in_flight: Arc<InFlight>,
     background_done: Vec<Arc<AtomicBool>>,
     request_grace: Duration,
+    before_exit: impl Fn() + Send + 'static,
 ) {
     let has_goodbyes = background_done.iter().any(|d| !d.load(Ordering::SeqCst));
     let grace = pingora_grace(request_grace, has_goodbyes);
@@ -92,11 +98,17 @@ pub fn exit_when_drained(
                     tracing::info!(
                         "nothing in flight; exiting without waiting for the grace period"
                     );
+                    before_exit();
                     std::process::exit(0);
                 }
                 if now >= deadline {
                     break;
                 }
+                std::thread::sleep(DRAIN_POLL);
+            }
+            // Pingora ends the process now, at a moment this thread does not know.
+            loop {
+                before_exit();
                 std::thread::sleep(DRAIN_POLL);
             }
         });

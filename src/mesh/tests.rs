@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 struct Rig {
     mesh: Mesh,
     backend_connections: Arc<AtomicUsize>,
+    audit: Arc<AuditLog>,
     dir: tempfile::TempDir,
 }
 
@@ -20,6 +21,7 @@ async fn rig() -> Rig {
     let (addr, backend_connections) = answering_backend().await;
     let identity = Identity::load_or_create(dir.path()).expect("identity");
     let (relay, _, metrics) = local_relay(vec![backend(addr, 4)]);
+    let audit = Arc::new(AuditLog::open(dir.path(), 1 << 20).expect("audit"));
     let mesh = Mesh::new(
         NodeInfo {
             node_id: "here".into(),
@@ -28,7 +30,7 @@ async fn rig() -> Rig {
         "identity pem".into(),
         Arc::new(PeerTable::open(dir.path())),
         relay,
-        Arc::new(AuditLog::open(dir.path(), 1 << 20).expect("audit")),
+        audit.clone(),
         metrics,
         BodyLimits {
             max_bytes: 1 << 20,
@@ -38,6 +40,7 @@ async fn rig() -> Rig {
     Rig {
         mesh,
         backend_connections,
+        audit,
         dir,
     }
 }
@@ -58,7 +61,10 @@ async fn handle(mesh: &Mesh, raw: &[u8]) -> String {
     answer(client, s).await
 }
 
-fn audit_lines(dir: &std::path::Path) -> Vec<String> {
+/// The lines on disk, once the buffered ones are written.
+fn audit_lines(rig: &Rig) -> Vec<String> {
+    rig.audit.flush();
+    let dir = rig.dir.path();
     let mut lines = Vec::new();
     for entry in std::fs::read_dir(dir).expect("data dir").flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -82,7 +88,7 @@ async fn a_request_without_a_verified_identity_is_refused_before_any_backend_is_
         "strangers learn who we are: {raw}"
     );
     assert_eq!(rig.backend_connections.load(Ordering::SeqCst), 0);
-    let audit = audit_lines(rig.dir.path());
+    let audit = audit_lines(&rig);
     assert_eq!(audit.len(), 1, "the refusal is audited: {audit:?}");
     assert!(audit[0].contains("no certificate"), "{audit:?}");
     assert!(!audit[0].contains("messages"), "never the text: {audit:?}");
@@ -96,7 +102,7 @@ async fn a_hello_without_identity_is_refused_and_not_audited() {
     );
     let raw = handle(&rig.mesh, raw.as_bytes()).await;
     assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
-    assert!(audit_lines(rig.dir.path()).is_empty());
+    assert!(audit_lines(&rig).is_empty());
 }
 
 #[tokio::test]
