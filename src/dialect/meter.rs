@@ -10,6 +10,7 @@
 //! actually relayed (content events and body bytes) and by the size of the request we sent,
 //! and falls back to our own count when a claim cannot be true.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -49,11 +50,13 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Fills a missing prompt count with `estimate`, marked as estimated.
-    fn or_estimated_prompt(mut self, estimate: Option<u64>) -> Self {
-        if self.prompt.is_none() && estimate.is_some() {
-            self.prompt = estimate;
-            self.prompt_estimated = true;
+    /// Fills a missing prompt count with an estimate from `request`, marked as estimated.
+    fn or_estimated_prompt(mut self, request: Option<Bytes>) -> Self {
+        if self.prompt.is_none() {
+            if let Some(estimate) = request.as_deref().and_then(estimate_prompt) {
+                self.prompt = Some(estimate);
+                self.prompt_estimated = true;
+            }
         }
         self
     }
@@ -76,7 +79,9 @@ pub struct TokenMeter {
     generated: Option<u64>,
     content_events: u64,
     relayed_bytes: u64,
-    prompt_estimate: Option<u64>,
+    /// The request, kept (a reference, not a copy) to estimate its prompt only if the response
+    /// carries no count: most do, and the estimate parses the whole body.
+    request: Option<Bytes>,
     stream_error: Option<String>,
 }
 
@@ -84,9 +89,9 @@ impl TokenMeter {
     /// A meter for the response to `request_body`: should the response carry no prompt count
     /// (an OpenAI stream without `include_usage`), the prompt is estimated from the request's
     /// text.
-    pub fn for_request(request_body: &[u8]) -> Self {
+    pub fn for_request(request_body: &Bytes) -> Self {
         TokenMeter {
-            prompt_estimate: estimate_prompt(request_body),
+            request: Some(request_body.clone()),
             ..TokenMeter::default()
         }
     }
@@ -100,11 +105,24 @@ impl TokenMeter {
     /// Inspects the next piece of the response body.
     pub fn observe(&mut self, chunk: &[u8]) {
         self.relayed_bytes += chunk.len() as u64;
-        self.pending.extend_from_slice(chunk);
-        while let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=nl).collect();
-            self.line(&line);
+        // Whole lines are read where they lie in the chunk; only a line split across chunks is
+        // put together in `pending`.
+        let mut rest = chunk;
+        if !self.pending.is_empty() {
+            if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                let mut line = std::mem::take(&mut self.pending);
+                line.extend_from_slice(&rest[..=nl]);
+                self.line(&line);
+                line.clear();
+                self.pending = line;
+                rest = &rest[nl + 1..];
+            }
         }
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            self.line(&rest[..=nl]);
+            rest = &rest[nl + 1..];
+        }
+        self.pending.extend_from_slice(rest);
         if self.pending.len() > MAX_PENDING {
             self.pending.clear();
         }
@@ -112,18 +130,18 @@ impl TokenMeter {
 
     /// Our own backend's counts, once the body has ended; a missing prompt count is estimated
     /// from the request (see [`TokenMeter::for_request`]).
-    pub fn finish(self) -> Tokens {
-        let estimate = self.prompt_estimate;
-        self.own_counts().or_estimated_prompt(estimate)
+    pub fn finish(mut self) -> Tokens {
+        let request = self.request.take();
+        self.own_counts().or_estimated_prompt(request)
     }
 
     /// A peer's counts, once the body has ended, checked against what it relayed and the
     /// `request_bytes` we sent it: a claim no output could produce is replaced by our count.
     /// A missing prompt count is estimated from the request.
-    pub fn finish_claimed(self, request_bytes: usize) -> Tokens {
-        let estimate = self.prompt_estimate;
+    pub fn finish_claimed(mut self, request_bytes: usize) -> Tokens {
+        let request = self.request.take();
         self.claimed_counts(request_bytes)
-            .or_estimated_prompt(estimate)
+            .or_estimated_prompt(request)
     }
 
     fn own_counts(self) -> Tokens {
@@ -211,25 +229,34 @@ impl TokenMeter {
             }
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(json) else {
+        // Only the fields read here are decoded; the rest of the event (a whole non-streamed
+        // answer, say) is skipped without building a tree of it.
+        let Ok(event) = serde_json::from_str::<CountedEvent>(json) else {
             return;
         };
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            self.prompt = u["prompt_tokens"].as_u64().or(self.prompt);
-            self.generated = u["completion_tokens"].as_u64().or(self.generated);
+        if let Lenient(Some(u)) = event.usage {
+            self.prompt = u.prompt_tokens.0.or(self.prompt);
+            self.generated = u.completion_tokens.0.or(self.generated);
         }
-        if let Some(n) = v["prompt_eval_count"].as_u64() {
+        if let Lenient(Some(n)) = event.prompt_eval_count {
             self.prompt = Some(n);
         }
-        if let Some(n) = v["eval_count"].as_u64() {
+        if let Lenient(Some(n)) = event.eval_count {
             self.generated = Some(n);
         }
-        let content = v["choices"][0]["delta"]["content"]
-            .as_str()
-            .or_else(|| v["choices"][0]["text"].as_str())
-            .or_else(|| v["message"]["content"].as_str())
-            .or_else(|| v["response"].as_str());
-        if content.is_some_and(|c| !c.is_empty()) {
+        let first = event
+            .choices
+            .0
+            .and_then(|c| c.into_iter().next())
+            .and_then(|c| c.0);
+        // The first of these that is a string decides, as `Value` indexing did before.
+        let content = first
+            .as_ref()
+            .and_then(|c| c.delta.0.as_ref().and_then(|d| d.content.0))
+            .or_else(|| first.as_ref().and_then(|c| c.text.0))
+            .or_else(|| event.message.0.and_then(|m| m.content.0))
+            .or(event.response.0);
+        if content == Some(true) {
             self.content_events += 1;
         }
     }
@@ -246,6 +273,159 @@ impl TokenMeter {
             .or_else(|| v["error"].as_str())
             .unwrap_or("error event");
         self.stream_error = Some(message.chars().take(MAX_ERROR_LEN).collect());
+    }
+}
+
+/// The fields of an event that carry counts or generated text. Every field is [`Lenient`]: a
+/// field of an unexpected type reads as absent instead of failing the whole event.
+#[derive(Deserialize)]
+struct CountedEvent {
+    #[serde(default)]
+    usage: Lenient<Usage>,
+    #[serde(default)]
+    prompt_eval_count: Lenient<u64>,
+    #[serde(default)]
+    eval_count: Lenient<u64>,
+    #[serde(default)]
+    choices: Lenient<Vec<Lenient<Choice>>>,
+    #[serde(default)]
+    message: Lenient<Message>,
+    /// Whether `response` is a non-empty string.
+    #[serde(default)]
+    response: Lenient<bool>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Lenient<u64>,
+    #[serde(default)]
+    completion_tokens: Lenient<u64>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Lenient<Message>,
+    #[serde(default)]
+    text: Lenient<bool>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    content: Lenient<bool>,
+}
+
+/// A value read only when it has the expected shape, `None` otherwise (the value is skipped):
+/// `u64` from a non-negative integer, `bool` from a string (whether it is non-empty), a struct
+/// from an object, a `Vec` from an array.
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient(None)
+    }
+}
+
+/// What a [`Lenient`] value is decoded from.
+trait LenientShape<'de>: Sized {
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_str(_: &str) -> Option<Self> {
+        None
+    }
+    fn from_map<A: serde::de::MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        skip_map(map)
+    }
+    fn from_seq<A: serde::de::SeqAccess<'de>>(seq: A) -> Result<Option<Self>, A::Error> {
+        skip_seq(seq)
+    }
+}
+
+fn skip_map<'de, T, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Option<T>, A::Error> {
+    while map
+        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+        .is_some()
+    {}
+    Ok(None)
+}
+
+fn skip_seq<'de, T, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<Option<T>, A::Error> {
+    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+    Ok(None)
+}
+
+impl LenientShape<'_> for u64 {
+    fn from_u64(n: u64) -> Option<Self> {
+        Some(n)
+    }
+}
+
+impl LenientShape<'_> for bool {
+    fn from_str(s: &str) -> Option<Self> {
+        Some(!s.is_empty())
+    }
+}
+
+macro_rules! lenient_struct {
+    ($($t:ty),*) => {$(
+        impl<'de> LenientShape<'de> for $t {
+            fn from_map<A: serde::de::MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+                Self::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+            }
+        }
+    )*};
+}
+lenient_struct!(Usage, Choice, Message);
+
+impl<'de, T: Deserialize<'de>> LenientShape<'de> for Vec<T> {
+    fn from_seq<A: serde::de::SeqAccess<'de>>(seq: A) -> Result<Option<Self>, A::Error> {
+        Self::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Some)
+    }
+}
+
+impl<'de, T: LenientShape<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: LenientShape<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_u64(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(u64::try_from(n).ok().and_then(T::from_u64)))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(s)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::from_map(map).map(Lenient)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::from_seq(seq).map(Lenient)
+            }
+        }
+        d.deserialize_any(Visit(std::marker::PhantomData))
     }
 }
 
@@ -343,7 +523,7 @@ mod tests {
     #[test]
     fn a_stream_without_usage_gets_an_estimated_prompt_marked_as_such() {
         let body = br#"{"model":"m","stream":true,"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hello there"}]}]}"#;
-        let mut m = TokenMeter::for_request(body);
+        let mut m = TokenMeter::for_request(&Bytes::from_static(body));
         m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\ndata: [DONE]\n\n");
         let t = m.finish();
         // "be brief" + "hello there" = 19 characters: 5 tokens at four characters a token.
@@ -354,7 +534,8 @@ mod tests {
 
     #[test]
     fn a_reported_prompt_count_beats_the_estimate() {
-        let mut m = TokenMeter::for_request(br#"{"prompt":"a long long prompt"}"#);
+        let mut m =
+            TokenMeter::for_request(&Bytes::from_static(br#"{"prompt":"a long long prompt"}"#));
         m.observe(b"{\"response\":\"a\",\"done\":false}\n{\"done\":true,\"prompt_eval_count\":11,\"eval_count\":1}\n");
         let t = m.finish();
         assert_eq!((t.prompt, t.prompt_estimated), (Some(11), false));
@@ -405,6 +586,29 @@ mod tests {
         let mut m = TokenMeter::default();
         m.observe(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"done\":true,\"prompt_eval_count\":3,\"eval_count\":9}\n");
         assert_eq!(pair(m.finish()), (Some(3), Some(9)));
+    }
+
+    #[test]
+    fn fields_of_an_unexpected_type_read_as_absent_without_losing_the_others() {
+        let mut m = TokenMeter::default();
+        m.observe(br#"{"usage":"lots","choices":7,"prompt_eval_count":-3,"eval_count":4,"message":{"content":["x"]},"response":"y","extra":{"deep":[1,{"usage":{"prompt_tokens":99}}]}}"#);
+        m.observe(b"\n");
+        let t = m.finish();
+        assert_eq!(pair(t), (None, Some(4)));
+        let mut m = TokenMeter::default();
+        m.observe(br#"{"choices":[{"text":"","delta":{"content":"a"}}],"usage":{"prompt_tokens":2.5,"completion_tokens":1}}"#);
+        let t = m.finish_claimed(100);
+        assert_eq!((t.prompt, t.completion), (None, Some(1)));
+    }
+
+    #[test]
+    fn a_non_streamed_answer_is_read_for_its_usage() {
+        let mut m = TokenMeter::for_request(&Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":"hello there"}]}"#,
+        ));
+        m.observe(br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"there\""},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#);
+        let t = m.finish();
+        assert_eq!((pair(t), t.prompt_estimated), ((Some(4), Some(6)), false));
     }
 
     #[test]

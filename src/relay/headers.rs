@@ -2,7 +2,7 @@
 //! request (hop-by-hop headers and credentials stop here), and what a client receives of a
 //! backend's or peer's answer (rebuilt from an allow-list).
 
-use http::header;
+use http::header::{self, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use super::ModelRequest;
@@ -111,7 +111,8 @@ pub fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
         Some(Dialect::Ollama) => "application/x-ndjson",
         None => "application/json",
     };
-    let _ = h.insert_header(header::CONTENT_TYPE, content_type);
+    // Static values: a `&str` would be copied into a new allocation per response.
+    let _ = h.insert_header(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     let length = up
         .headers
         .get(header::CONTENT_LENGTH)
@@ -119,10 +120,13 @@ pub fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
         .and_then(|v| v.trim().parse::<u64>().ok());
     match length {
         Some(n) => {
-            let _ = h.insert_header(header::CONTENT_LENGTH, n.to_string());
+            let _ = h.insert_header(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         None => {
-            let _ = h.insert_header(header::TRANSFER_ENCODING, "chunked");
+            let _ = h.insert_header(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
     }
     let retry_after = up
@@ -133,8 +137,11 @@ pub fn downstream_response(up: &ResponseHeader) -> ResponseHeader {
     if let (Some(secs), 429 | 503) = (retry_after, status.as_u16()) {
         let _ = h.insert_header(header::RETRY_AFTER, secs.min(3600).to_string());
     }
-    let _ = h.insert_header(header::CACHE_CONTROL, "no-store");
-    let _ = h.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    let _ = h.insert_header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let _ = h.insert_header(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h
 }
 
