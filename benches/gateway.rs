@@ -42,6 +42,12 @@ const SLOW_STREAMS: usize = 10_000;
 /// Connections per client source address in the slow phase: under arknet's default per-address
 /// bound (256), so the load comes from many loopback addresses as from many clients.
 const SLOW_PER_SOURCE: usize = 200;
+/// Streams one slow-phase client worker process holds at most (two sockets each would not fit
+/// one process's open-file limit for 10,000 streams, with the backend ends too).
+const SLOW_PER_WORKER: usize = 2_500;
+/// Set (to "addr bench_ip first count") when this bench binary runs as a slow-stream client
+/// worker ([`slow_worker`]).
+const SLOW_WORKER_ENV: &str = "ARKNET_BENCH_SLOW_WORKER";
 /// Longest the slow phase waits for all its streams to start.
 const SLOW_RAMP_TIMEOUT: Duration = Duration::from_secs(40);
 /// How long the slow phase holds all its streams open before measuring again.
@@ -224,9 +230,14 @@ impl Settings {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(SLOW_WORKER_ENV) {
+        slow_worker(&spec);
+        return;
+    }
     let settings = Settings::from_env();
-    // Before any child starts: nginx and arknet inherit it. The slow phase holds two sockets per
-    // stream in this process (client end, backend end) and in each proxy.
+    // Before any child starts: nginx, arknet and the slow-phase workers inherit it. The slow
+    // phase holds two sockets per stream in each proxy (client end, backend end), one in this
+    // process (the backend end) and one in a worker (the client end).
     let nofile = raise_nofile(2 * settings.slow_streams as u64 + 4096);
     let clk_tck = clock_ticks_per_second();
     let ip = bench_ip();
@@ -348,10 +359,11 @@ fn main() {
     });
     let total = started.elapsed();
     let slow = if settings.slow_streams > 0 {
-        // Two sockets per stream in this process, plus room for everything else.
+        // One socket per stream in this process, plus room for everything else. The proxies'
+        // two per stream are not capped here: a proxy at its limit shows in the failures.
         let n = settings
             .slow_streams
-            .min((nofile.saturating_sub(1024) / 2) as usize);
+            .min(nofile.saturating_sub(1024) as usize);
         let slow_targets = [(&targets[1], nginx.pid()), (&targets[2], node_b.proc.pid())];
         runtime.block_on(async {
             let mut reports = Vec::new();
@@ -1984,6 +1996,10 @@ struct SlowReport {
 /// byte (or the ramp times out), holds them for `SLOW_HOLD` while they keep receiving chunks,
 /// then closes them all. RSS of `pid` is sampled along the way. Bounded: ramp timeout + hold +
 /// a few seconds.
+///
+/// The client ends are held by child processes of this bench ([`slow_worker`], at most
+/// `SLOW_PER_WORKER` streams each), so that no process needs more sockets than its open-file
+/// limit allows: this process keeps only the backend ends.
 async fn slow_streams(
     target: &'static str,
     addr: SocketAddr,
@@ -1992,56 +2008,40 @@ async fn slow_streams(
     bench_ip: Ipv4Addr,
     clk_tck: f64,
 ) -> SlowReport {
-    let request: Arc<[u8]> = request_bytes(Kind::Sse, SLOW_MODEL).into();
     let rss_base = rss_kib(pid);
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (open_tx, mut open_rx) = mpsc::unbounded_channel::<Result<(), String>>();
-    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
-    let mut tasks = JoinSet::new();
-    let [_, b, c, _] = bench_ip.octets();
-    for i in 0..n {
-        // 127.241.b.(c+k): a /8 loopback address of its own per SLOW_PER_SOURCE connections.
-        let k = (i / SLOW_PER_SOURCE) as u32;
-        let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 241, b, c)) + k);
-        let request = request.clone();
-        let open_tx = open_tx.clone();
-        let connecting = connecting.clone();
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            let permit = connecting.acquire_owned().await;
-            let started = tokio::time::timeout(
-                REQUEST_TIMEOUT * 2,
-                open_slow_stream(source, addr, &request),
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel::<usize>();
+    let exe = std::env::current_exe().expect("bench executable path");
+    let mut workers = Vec::new();
+    for first in (0..n).step_by(SLOW_PER_WORKER) {
+        let count = SLOW_PER_WORKER.min(n - first);
+        let mut child = Command::new(&exe)
+            .env(
+                SLOW_WORKER_ENV,
+                format!("{addr} {bench_ip} {first} {count}"),
             )
-            .await;
-            drop(permit);
-            let mut stream = match started {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    let _ = open_tx.send(Err(e.to_string()));
-                    return false;
-                }
-                Err(_) => {
-                    let _ = open_tx.send(Err("no first body byte in time".to_string()));
-                    return false;
-                }
-            };
-            let _ = open_tx.send(Ok(()));
-            // Keep reading (and dropping) the chunks until told to stop; an end or an error
-            // before that means the stream was not held.
-            let mut buf = [0u8; 2048];
-            loop {
-                tokio::select! {
-                    read = stream.read(&mut buf) => match read {
-                        Ok(0) | Err(_) => return false,
-                        Ok(_) => {}
-                    },
-                    _ = stop.wait_for(|s| *s) => return true,
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a slow-stream worker");
+        let stdout = child.stdout.take().expect("worker stdout");
+        let (open_tx, held_tx) = (open_tx.clone(), held_tx.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "ok" {
+                    let _ = open_tx.send(Ok(()));
+                } else if let Some(why) = line.strip_prefix("err ") {
+                    let _ = open_tx.send(Err(why.to_string()));
+                } else if let Some(k) = line.strip_prefix("held ") {
+                    let _ = held_tx.send(k.parse().unwrap_or(0));
                 }
             }
         });
+        workers.push(Worker(child));
     }
-    drop(open_tx);
+    drop((open_tx, held_tx));
     let ramp_start = Instant::now();
     let deadline = ramp_start + SLOW_RAMP_TIMEOUT;
     let (mut opened, mut answered) = (0usize, 0usize);
@@ -2073,18 +2073,21 @@ async fn slow_streams(
     tokio::time::sleep(SLOW_HOLD).await;
     let cpu_after = stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |t| t.1);
     let hold_end_rss = rss_kib(pid);
-    let _ = stop_tx.send(true);
+    // The end of its stdin tells a worker to close its streams and report how many it held.
+    for w in &mut workers {
+        drop(w.0.stdin.take());
+    }
     let mut held = 0;
-    let closing = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(done) = tasks.join_next().await {
-            held += usize::from(done.unwrap_or(false));
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        for _ in 0..workers.len() {
+            match held_rx.recv().await {
+                Some(k) => held += k,
+                None => break,
+            }
         }
     })
     .await;
-    if closing.is_err() {
-        tasks.abort_all();
-    }
-    drop(tasks);
+    drop(workers);
     tokio::time::sleep(Duration::from_secs(2)).await;
     SlowReport {
         target,
@@ -2099,6 +2102,111 @@ async fn slow_streams(
         rss_after: rss_kib(pid),
         failures,
     }
+}
+
+/// A slow-stream worker process, killed by its own PID when dropped (it has normally exited by
+/// then).
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The slow-stream client worker (this bench binary started with `SLOW_WORKER_ENV` =
+/// "addr bench_ip first count"): opens streams `first..first + count` of the slow phase, at
+/// most 64 connecting at a time, writing `ok` or `err <why>` per stream to stdout as each gets
+/// its first body byte or fails; keeps reading them until its stdin ends, then closes them
+/// and writes `held <streams still open>`. Bounded: it also stops when the parent is gone
+/// (stdin ends) and never runs longer than the ramp timeout + a minute.
+fn slow_worker(spec: &str) {
+    let mut parts = spec.split(' ');
+    let mut next = || {
+        parts
+            .next()
+            .expect("worker spec: addr bench_ip first count")
+    };
+    let addr: SocketAddr = next().parse().expect("worker addr");
+    let bench_ip: Ipv4Addr = next().parse().expect("worker bench ip");
+    let first: usize = next().parse().expect("worker first");
+    let count: usize = next().parse().expect("worker count");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("worker runtime");
+    let say = |line: String| {
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    };
+    runtime.block_on(async {
+        let request: Arc<[u8]> = request_bytes(Kind::Sse, SLOW_MODEL).into();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = JoinSet::new();
+        let [_, b, c, _] = bench_ip.octets();
+        for i in first..first + count {
+            // 127.241.b.(c+k): a /8 loopback address of its own per SLOW_PER_SOURCE connections.
+            let k = (i / SLOW_PER_SOURCE) as u32;
+            let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 241, b, c)) + k);
+            let request = request.clone();
+            let connecting = connecting.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let permit = connecting.acquire_owned().await;
+                let started = tokio::time::timeout(
+                    REQUEST_TIMEOUT * 2,
+                    open_slow_stream(source, addr, &request),
+                )
+                .await;
+                drop(permit);
+                let mut stream = match started {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        say(format!("err {e}\n"));
+                        return false;
+                    }
+                    Err(_) => {
+                        say("err no first body byte in time\n".to_string());
+                        return false;
+                    }
+                };
+                say("ok\n".to_string());
+                // Keep reading (and dropping) the chunks until told to stop; an end or an error
+                // before that means the stream was not held.
+                let mut buf = [0u8; 2048];
+                loop {
+                    tokio::select! {
+                        read = stream.read(&mut buf) => match read {
+                            Ok(0) | Err(_) => return false,
+                            Ok(_) => {}
+                        },
+                        _ = stop.wait_for(|s| *s) => return true,
+                    }
+                }
+            });
+        }
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = io::stdin().read_to_end(&mut sink);
+        });
+        let _ =
+            tokio::time::timeout(SLOW_RAMP_TIMEOUT + Duration::from_secs(60), stdin_closed).await;
+        let _ = stop_tx.send(true);
+        let mut held = 0;
+        let closing = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(done) = tasks.join_next().await {
+                held += usize::from(done.unwrap_or(false));
+            }
+        })
+        .await;
+        if closing.is_err() {
+            tasks.abort_all();
+        }
+        say(format!("held {held}\n"));
+    });
 }
 
 /// Connects from `source`, sends `request` and reads until the first body byte of a 200 answer.
