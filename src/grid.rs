@@ -18,8 +18,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header;
-use pingora::http::RequestHeader;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -33,7 +31,6 @@ use crate::error::{ApiError, Dialect};
 use crate::identity::PublicKey;
 use crate::mesh::client::MeshClient;
 use crate::mesh::protocol::SharedModel;
-use crate::mesh::tls::MESH_SNI;
 use crate::metrics::Metrics;
 use crate::peers::reputation::{self, RequestOutcome, Standing};
 use crate::peers::PeerTable;
@@ -236,7 +233,7 @@ impl Grid {
         else {
             return Attempt::Busy;
         };
-        let Some(peer) = self.client.pinned_peer(c.addr, &c.key) else {
+        let Some(peer) = self.client.pinned(c.addr, &c.key) else {
             return Attempt::Failed(format!("peer {}: identity not verified yet", c.node_id));
         };
         let (path, body, translator) = if c.translate {
@@ -247,9 +244,9 @@ impl Grid {
         } else {
             (req.path, body.clone(), None)
         };
-        let header = match self.peer_request(path, body.len()) {
-            Ok(h) => h,
-            Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
+        let Some(head) = self.client.request_head(path, body.len()) else {
+            let e = ApiError::internal(format!("cannot forward to {path:?}"));
+            return Attempt::Done(reply_error(s, req.dialect, &e).await);
         };
         let started_at = SystemTime::now();
         let started = Instant::now();
@@ -268,7 +265,11 @@ impl Grid {
                 Some(error),
             );
         };
-        let rsp = match self.upstream.send(&peer, &header, &body).await {
+        let rsp = match self
+            .upstream
+            .send_wire(&peer.peer, peer.pool_key, head, &body)
+            .await
+        {
             Ok(rsp) => rsp,
             Err(e) => {
                 if e.is_tls_rejection() {
@@ -370,22 +371,6 @@ impl Grid {
                 "peer ejected from routing after repeated failures"
             );
         }
-    }
-
-    /// The request header for a peer: nothing of the client's, only what the mesh needs.
-    fn peer_request(&self, path: &str, body_len: usize) -> Result<RequestHeader, ApiError> {
-        // Our own header failed to build: our fault, not the client's.
-        let internal = |e: pingora::BError| ApiError::internal(format!("cannot forward: {e}"));
-        let mut h = RequestHeader::build("POST", path.as_bytes(), Some(6)).map_err(internal)?;
-        h.insert_header(header::HOST, MESH_SNI).map_err(internal)?;
-        h.insert_header(header::CONTENT_TYPE, "application/json")
-            .map_err(internal)?;
-        h.insert_header(header::CONTENT_LENGTH, body_len.to_string())
-            .map_err(internal)?;
-        for (name, value) in self.client.own_headers() {
-            h.insert_header(*name, value.as_str()).map_err(internal)?;
-        }
-        Ok(h)
     }
 
     /// `/v1/models` or `/api/tags` for local clients: local models and the models peers share

@@ -251,7 +251,10 @@ impl LocalRelay {
             Ok(h) => h,
             Err(e) => return Attempt::Done(reply_error(s, req.dialect, &e).await),
         };
-        let sent = self.upstream.send(backend.peer(), &header, &body).await;
+        let sent = self
+            .upstream
+            .send_wire(backend.peer(), backend.pool_key(), header, &body)
+            .await;
         let attempt = match sent {
             Ok(rsp) => {
                 if backend.health.succeeded() {

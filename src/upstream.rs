@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
@@ -74,6 +74,8 @@ pub struct Backend {
     /// As configured.
     pub config: BackendConfig,
     peer: HttpPeer,
+    /// `peer.reuse_hash()`, computed once.
+    pool_key: u64,
     slots: Arc<Semaphore>,
     /// Up, or down until a background probe finds it answering again.
     pub health: crate::health::Health,
@@ -88,6 +90,7 @@ impl Backend {
         let slots = Arc::new(Semaphore::new(config.max_concurrent));
         Backend {
             config,
+            pool_key: peer.reuse_hash(),
             peer,
             slots,
             health: crate::health::Health::default(),
@@ -108,6 +111,11 @@ impl Backend {
     /// The connection-pool peer for this backend.
     pub fn peer(&self) -> &HttpPeer {
         &self.peer
+    }
+
+    /// The pool key of [`Backend::peer`].
+    pub fn pool_key(&self) -> u64 {
+        self.pool_key
     }
 
     /// Builds the upstream path for a client path (`base_path` + path + query).
@@ -146,8 +154,32 @@ impl Upstream {
         header: &RequestHeader,
         body: &Bytes,
     ) -> Result<UpstreamResponse, SendError> {
+        let head = http_req_header_to_wire(header).ok_or_else(|| SendError::Io {
+            addr: socket_addr(peer),
+            source: Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "request line with a forbidden byte",
+            ),
+        })?;
+        self.send_wire(peer, peer.reuse_hash(), head, body).await
+    }
+
+    /// [`Upstream::send`] for a request header already on the wire (`head`, from the request
+    /// line to the empty line; it must carry the body's `Content-Length`), to the pool of `key`
+    /// (`peer.reuse_hash()`, which callers on the hot path compute once per upstream).
+    pub async fn send_wire(
+        &self,
+        peer: &HttpPeer,
+        key: u64,
+        mut head: BytesMut,
+        body: &Bytes,
+    ) -> Result<UpstreamResponse, SendError> {
         let addr = socket_addr(peer);
-        let key = peer.reuse_hash();
+        let separate = body.len() > COALESCE_MAX;
+        if !separate {
+            head.extend_from_slice(body);
+        }
+        let (wire, rest) = (&head[..], separate.then_some(body));
         let mut fresh_only = false;
         loop {
             let pooled = if fresh_only {
@@ -164,7 +196,7 @@ impl Upstream {
                     .await
                     .map_err(|source| SendError::Connect { addr, source })?,
             };
-            match self.exchange(stream, peer, header, body).await {
+            match self.exchange(stream, peer, wire, rest).await {
                 Ok(mut session) => {
                     session.set_read_timeout(Some(self.idle_chunk_timeout));
                     return Ok(UpstreamResponse { session, key });
@@ -181,30 +213,20 @@ impl Upstream {
         }
     }
 
-    /// Writes the request on `stream` (header and a small body in one write; the body always
-    /// has a `Content-Length`) and reads the response header.
+    /// Writes the request on `stream` (`wire`: the header and a small body, in one write; then
+    /// a large `body` on its own) and reads the response header.
     async fn exchange(
         &self,
         mut stream: Stream,
         peer: &HttpPeer,
-        header: &RequestHeader,
-        body: &Bytes,
+        wire: &[u8],
+        body: Option<&Bytes>,
     ) -> pingora::Result<HttpSession> {
-        let mut wire = http_req_header_to_wire(header).ok_or_else(|| {
-            Error::explain(
-                ErrorType::InvalidHTTPHeader,
-                "request line with a forbidden byte",
-            )
-        })?;
-        let separate = body.len() > COALESCE_MAX;
-        if !separate {
-            wire.extend_from_slice(body);
-        }
         stream
-            .write_all(&wire)
+            .write_all(wire)
             .await
             .or_err(ErrorType::WriteError, "writing the request")?;
-        if separate {
+        if let Some(body) = body {
             stream
                 .write_all(body)
                 .await

@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::tls::x509::X509;
+use pingora::upstreams::peer::Peer as _;
 use tokio::task::JoinSet;
 
 /// Why a hello failed.
@@ -73,8 +74,24 @@ pub struct MeshClient {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     own_headers: Vec<(&'static str, String)>,
+    /// The header lines every forwarded request carries after its request line, on the wire.
+    request_lines: Vec<u8>,
     pins: Mutex<HashMap<PublicKey, X509>>,
+    /// Connection settings per pinned peer and address, built once per pin (building them and
+    /// hashing them for the pool was a dozen allocations per forwarded request).
+    pinned: Mutex<HashMap<(SocketAddr, PublicKey), Arc<PinnedPeer>>>,
 }
+
+/// A peer whose identity is pinned, ready for requests.
+pub struct PinnedPeer {
+    /// Connection settings: mutual TLS, the pinned certificate as the only trust anchor.
+    pub peer: pingora::upstreams::peer::HttpPeer,
+    /// Its connection-pool key (`peer.reuse_hash()`).
+    pub pool_key: u64,
+}
+
+/// Pinned peers kept at most; the map is emptied beyond this (addresses change over time).
+const MAX_PINNED: usize = 1024;
 
 impl MeshClient {
     /// A client presenting this node's certificate and announcing `node_id` and `mesh_port`.
@@ -85,17 +102,68 @@ impl MeshClient {
         node_id: &str,
         mesh_port: u16,
     ) -> Self {
+        let own_headers = vec![
+            (NODE_ID_HEADER, node_id.to_string()),
+            (MESH_PORT_HEADER, mesh_port.to_string()),
+            (PROTOCOL_HEADER, PROTOCOL_VERSION.to_string()),
+        ];
+        let mut request_lines = format!("host: {MESH_SNI}\r\ncontent-type: application/json\r\n");
+        for (name, value) in &own_headers {
+            // A node id is checked when configured; a value that could break the header out
+            // is left out rather than written.
+            if value.bytes().all(|b| b.is_ascii_graphic()) {
+                request_lines.push_str(&format!("{name}: {value}\r\n"));
+            }
+        }
         MeshClient {
             tls,
             upstream,
             metrics,
-            own_headers: vec![
-                (NODE_ID_HEADER, node_id.to_string()),
-                (MESH_PORT_HEADER, mesh_port.to_string()),
-                (PROTOCOL_HEADER, PROTOCOL_VERSION.to_string()),
-            ],
+            own_headers,
+            request_lines: request_lines.into_bytes(),
             pins: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The head of a forwarded request (`POST path`, our own headers, the body's length), on
+    /// the wire; `None` for a path that cannot go on a request line.
+    pub fn request_head(&self, path: &str, body_len: usize) -> Option<bytes::BytesMut> {
+        use std::fmt::Write as _;
+        if path.is_empty() || !path.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        let mut w = bytes::BytesMut::with_capacity(
+            64 + path.len() + self.request_lines.len() + body_len.min(64 * 1024),
+        );
+        w.extend_from_slice(b"POST ");
+        w.extend_from_slice(path.as_bytes());
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        w.extend_from_slice(&self.request_lines);
+        let _ = write!(w, "content-length: {body_len}\r\n\r\n");
+        Some(w)
+    }
+
+    /// The pinned peer for `key` at `addr` with its pool key, once its identity certificate is
+    /// known; built once per pin and address.
+    pub fn pinned(&self, addr: SocketAddr, key: &PublicKey) -> Option<Arc<PinnedPeer>> {
+        // Locks in the order `learn` takes them: pins, then pinned.
+        let pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+        let pin = pins.get(key)?;
+        let mut pinned = self.pinned.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = pinned.get(&(addr, *key)) {
+            return Some(p.clone());
+        }
+        let peer = self.tls.peer(addr, pin, key);
+        let p = Arc::new(PinnedPeer {
+            pool_key: peer.reuse_hash(),
+            peer,
+        });
+        if pinned.len() >= MAX_PINNED {
+            pinned.clear();
+        }
+        pinned.insert((addr, *key), p.clone());
+        Some(p)
     }
 
     /// Hello to whoever listens at `addr`; `expected` pins the key when known. Returns the
@@ -223,10 +291,14 @@ impl MeshClient {
                 expected.map(ToString::to_string).unwrap_or_default()
             )));
         }
-        self.pins
+        let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+        // A new pin (a peer that re-keyed its certificate) replaces the settings built on the
+        // old one, under both locks (in the order `pinned()` takes them too).
+        self.pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, cert.clone());
+            .retain(|(_, k), _| *k != key);
+        pins.insert(key, cert.clone());
         Ok((key, cert))
     }
 
