@@ -286,6 +286,21 @@ fn main() {
         node.proc.wait_ready();
         node
     });
+    // The baseline's own two-hop path: a second baseline node with A's backend, meshed with
+    // `arknet base` as A is with B, so the mesh hop too is compared before/after in one run.
+    let mut node_base_a = settings.baseline.as_deref().map(|bin| {
+        let mut node = start_arknet(
+            "arknet base A",
+            bin,
+            ip,
+            &other_backend.url(),
+            settings.arknet_threads,
+        );
+        if let Some(base) = node_base.as_mut() {
+            join_mesh(&mut node, base);
+        }
+        node
+    });
 
     let mut targets = vec![
         Target {
@@ -323,6 +338,14 @@ fn main() {
             pids: vec![node.proc.pid()],
             watch: vec![("base->backend", backend.addr)],
         });
+        if let Some(base_a) = &node_base_a {
+            targets.push(Target {
+                name: "arknet base 2-hop",
+                addr: base_a.proc.addr,
+                pids: vec![base_a.proc.pid(), node.proc.pid()],
+                watch: vec![("base 2-hop A->B mesh", node.mesh)],
+            });
+        }
     }
 
     // The client is one thread (this one) so it never takes more than one core; it is cheap
@@ -385,6 +408,9 @@ fn main() {
     if let Some(node) = node_base.as_mut() {
         node.proc.assert_alive();
     }
+    if let Some(node) = node_base_a.as_mut() {
+        node.proc.assert_alive();
+    }
     let report = render_report(
         &settings,
         &targets,
@@ -402,6 +428,7 @@ fn main() {
     io::stdout()
         .write_all(report.as_bytes())
         .expect("write report to stdout");
+    drop(node_base_a);
     drop(node_base);
     drop(node_a);
     drop(node_b);
@@ -1714,6 +1741,29 @@ fn render_report(
                 bm.proxy_us,
                 am.proxy_us / bm.proxy_us
             );
+        }
+        if let (Some(h), Some(hb)) = (
+            find_target("arknet 2-hop"),
+            find_target("arknet base 2-hop"),
+        ) {
+            let _ = writeln!(
+                out,
+                "two hops: this build (arknet 2-hop) vs the baseline's (arknet base 2-hop), CPU of both nodes"
+            );
+            for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+                let (am, bm) = (&summaries[s][h], &summaries[s][hb]);
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:>12.2} {:>12.3} {:>12.3} {:>12.1} {:>12.1} {:>12.2}",
+                    scenario.name,
+                    am.rate / bm.rate,
+                    am.p50,
+                    bm.p50,
+                    am.proxy_us,
+                    bm.proxy_us,
+                    am.proxy_us / bm.proxy_us
+                );
+            }
         }
     }
 
