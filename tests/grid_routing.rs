@@ -319,3 +319,40 @@ fn an_ollama_request_is_translated_for_a_peer_that_only_speaks_openai() {
         .json()
         .is_some_and(|v| v["messages"][0]["content"] == "hi"));
 }
+
+#[test]
+fn a_clean_shutdown_leaves_every_audit_line_on_disk() {
+    // Audit lines are written in batches by a background thread; SIGTERM must not lose the
+    // last batch (the nodes exit right after the last request, inside one batch window).
+    let a = ark(&["llama3.1:8b"], 4, |c| c);
+    let b = ark(&["qwen3.5:35b"], 4, |c| c);
+    share(&b, &a, &["qwen3.5:35b"], 2);
+    const N: usize = 20;
+    for _ in 0..N {
+        let rsp = a.node.post("/v1/chat/completions", &chat("qwen3.5:35b"));
+        assert_eq!(rsp.status, 200, "{}", rsp.text());
+    }
+    let Ark {
+        node: mut a_node,
+        backend: a_backend,
+    } = a;
+    let Ark {
+        node: mut b_node,
+        backend: b_backend,
+    } = b;
+    a_node.terminate();
+    b_node.terminate();
+    assert_eventually(Duration::from_secs(15), "both nodes exited", || {
+        !a_node.alive() && !b_node.alive()
+    });
+    let lines = |node: &NodeProc, direction: &str| {
+        std::fs::read_to_string(node.data_dir.join("audit.log"))
+            .expect("audit.log")
+            .lines()
+            .filter(|l| l.contains(&format!("\"direction\":\"{direction}\"")))
+            .count()
+    };
+    assert_eq!(lines(&a_node, "outbound"), N);
+    assert_eq!(lines(&b_node, "inbound"), N);
+    drop((a_backend, b_backend));
+}
