@@ -394,7 +394,11 @@ async fn register(
 }
 
 /// The answer to a stored register/heartbeat.
-fn stored_answer(state: &RegistryState, r: &super::record::Record, reach: &Reachability) -> Response {
+fn stored_answer(
+    state: &RegistryState,
+    r: &super::record::Record,
+    reach: &Reachability,
+) -> Response {
     state.metrics.writes.with_label_values(&["register"]).inc();
     Json(json!({
         "stored": true,

@@ -534,13 +534,113 @@ async fn in_one_transaction<'a>(
     pool: &AnyPool,
     writes: impl Iterator<Item = &'a Write>,
 ) -> Result<Vec<Done>, sqlx::Error> {
+    let writes: Vec<&Write> = writes.collect();
     let mut tx = pool.begin().await?;
-    let mut done = Vec::new();
-    for w in writes {
-        done.push(apply(&mut tx, w).await?);
+    let mut done: Vec<Option<Done>> = vec![None; writes.len()];
+    // The heartbeats of a batch go in one statement: each statement is a round trip to the
+    // database (for SQLite, to its worker thread), and that hand-off cost more than the update.
+    // A heartbeat that does not apply takes the full path afterwards, so running them ahead
+    // of the batch's other writes changes no outcome a node could rely on.
+    let beats: Vec<usize> = (0..writes.len())
+        .filter(|&i| matches!(writes[i], Write::Heartbeat { .. }))
+        .collect();
+    if beats.len() > 1 {
+        for (i, applied) in heartbeats(&mut tx, &writes, &beats).await? {
+            done[i] = Some(Done::Heartbeat(applied));
+        }
+    }
+    for (i, w) in writes.iter().enumerate() {
+        if done[i].is_none() {
+            done[i] = Some(apply(&mut tx, w).await?);
+        }
     }
     tx.commit().await?;
-    Ok(done)
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// Most heartbeats in one statement (8 bound values each).
+const BEATS_PER_STATEMENT: usize = 128;
+
+/// Applies the heartbeats `writes[i]` for `i` in `beats` with one `UPDATE ... FROM (VALUES
+/// ...) RETURNING` per [`BEATS_PER_STATEMENT`] distinct keys (a key twice in a batch goes in
+/// a later statement, so each row is matched by one heartbeat): whether each applied.
+async fn heartbeats(
+    conn: &mut AnyConnection,
+    writes: &[&Write],
+    beats: &[usize],
+) -> Result<Vec<(usize, bool)>, sqlx::Error> {
+    let mut out = Vec::with_capacity(beats.len());
+    let mut pending: Vec<usize> = beats.to_vec();
+    while !pending.is_empty() {
+        let mut keys = std::collections::HashSet::new();
+        let mut now = Vec::new();
+        let mut later = Vec::new();
+        for i in pending {
+            let Write::Heartbeat { signed, .. } = writes[i] else {
+                continue;
+            };
+            if now.len() < BEATS_PER_STATEMENT && keys.insert(signed.record.public_key.as_str()) {
+                now.push(i);
+            } else {
+                later.push(i);
+            }
+        }
+        let mut sql = String::from(
+            "UPDATE registry_records SET seq = v.column5, issued_at = v.column6, \
+             expires = v.column7, signature = v.column8 FROM (VALUES ",
+        );
+        for n in 0..now.len() {
+            if n > 0 {
+                sql.push_str(", ");
+            }
+            let p = 8 * n;
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6,
+                p + 7,
+                p + 8
+            ));
+        }
+        sql.push_str(
+            ") AS v WHERE registry_records.public_key = v.column1 \
+             AND registry_records.node_id = v.column2 AND registry_records.endpoint = v.column3 \
+             AND registry_records.models = v.column4 AND registry_records.reachable = 1 \
+             AND registry_records.deleted = 0 AND registry_records.seq < v.column5 \
+             RETURNING registry_records.public_key",
+        );
+        let mut query = sqlx::query(&sql);
+        for &i in &now {
+            if let Write::Heartbeat { signed, models } = writes[i] {
+                let r = &signed.record;
+                query = query
+                    .bind(r.public_key.clone())
+                    .bind(r.node_id.clone())
+                    .bind(r.endpoint.clone())
+                    .bind(models.clone())
+                    .bind(as_i64(r.seq))
+                    .bind(as_i64(r.issued_at))
+                    .bind(as_i64(r.expires))
+                    .bind(signed.signature.clone());
+            }
+        }
+        let rows = query.fetch_all(&mut *conn).await?;
+        let mut applied = std::collections::HashSet::new();
+        for row in &rows {
+            applied.insert(row.try_get::<String, _>(0)?);
+        }
+        for &i in &now {
+            if let Write::Heartbeat { signed, .. } = writes[i] {
+                out.push((i, applied.contains(&signed.record.public_key)));
+            }
+        }
+        pending = later;
+    }
+    Ok(out)
 }
 
 /// One write inside the caller's transaction.
@@ -958,6 +1058,69 @@ mod tests {
             .heartbeat(&signed(1, 11, &["a", "b"]))
             .await
             .expect("deleted"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_heartbeats_is_one_statement_with_an_answer_for_each() {
+        let (_dir, store) = sqlite().await;
+        for n in 1..=4u8 {
+            store
+                .put(&signed(n, 1, &["a"]), true, None)
+                .await
+                .expect("put");
+        }
+        let beat = |n: u8, seq: u64| Write::Heartbeat {
+            signed: signed(n, seq, &["a"]),
+            models: "a".into(),
+        };
+        let writes = [
+            beat(1, 2),
+            beat(2, 2),
+            // Key 1 again in the same batch: a second statement, after the first applied.
+            beat(1, 3),
+            // A replay, and a key nobody stored.
+            beat(3, 1),
+            beat(9, 2),
+            // A put in between goes after the batch's heartbeats: key 4's heartbeat applies
+            // first, then the put's higher seq replaces it.
+            Write::Put {
+                signed: signed(4, 5, &["b"]),
+                models: "b".into(),
+                reachable: true,
+                index_models: true,
+            },
+            beat(4, 2),
+        ];
+        let done = in_one_transaction(&store.pool, writes.iter())
+            .await
+            .expect("batch");
+        assert_eq!(
+            done,
+            [
+                Done::Heartbeat(true),
+                Done::Heartbeat(true),
+                Done::Heartbeat(true),
+                Done::Heartbeat(false),
+                Done::Heartbeat(false),
+                Done::Put(PutOutcome::Stored),
+                Done::Heartbeat(true),
+            ]
+        );
+        let seq = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .get(id, NOW)
+                    .await
+                    .expect("get")
+                    .map(|l| l.signed.record.seq)
+            }
+        };
+        assert_eq!(seq("node-1").await, Some(3));
+        assert_eq!(seq("node-2").await, Some(2));
+        assert_eq!(seq("node-3").await, Some(1));
+        assert_eq!(seq("node-9").await, None);
+        assert_eq!(seq("node-4").await, Some(5));
     }
 
     #[tokio::test]
