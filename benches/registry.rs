@@ -184,6 +184,17 @@ async fn presign(count: u64, per_writer: u64) -> Vec<Vec<SignedRecord>> {
     out
 }
 
+/// Sums the writers' (accepted, refused) counts.
+async fn tally(mut tasks: tokio::task::JoinSet<(u64, u64)>) -> (u64, u64) {
+    let (mut total, mut refused) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (d, f) = r.expect("writer");
+        total += d;
+        refused += f;
+    }
+    (total, refused)
+}
+
 /// Heartbeats each writer may send in the timed phase (more than 10 s can use at 10,000/s).
 const PER_WRITER: u64 = 7_500;
 
@@ -234,12 +245,7 @@ async fn store_heartbeats(store: Arc<Store>, count: u64) {
             (done, refused)
         });
     }
-    let (mut total, mut refused) = (0, 0);
-    while let Some(r) = tasks.join_next().await {
-        let (d, f) = r.expect("writer");
-        total += d;
-        refused += f;
-    }
+    let (total, refused) = tally(tasks).await;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "store signed heartbeats: {total} in {secs:.1} s = {:.0}/s ({refused} refused; \
@@ -357,12 +363,7 @@ async fn http_heartbeats(reg: &Registry, count: u64) {
             (done, refused)
         });
     }
-    let (mut total, mut refused) = (0, 0);
-    while let Some(r) = tasks.join_next().await {
-        let (d, f) = r.expect("writer");
-        total += d;
-        refused += f;
-    }
+    let (total, refused) = tally(tasks).await;
     let secs = started.elapsed().as_secs_f64();
     let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / total.max(1) as f64;
     eprintln!(

@@ -616,16 +616,7 @@ async fn heartbeats(
         let mut query = sqlx::query(&sql);
         for &i in &now {
             if let Write::Heartbeat { signed, models } = writes[i] {
-                let r = &signed.record;
-                query = query
-                    .bind(r.public_key.clone())
-                    .bind(r.node_id.clone())
-                    .bind(r.endpoint.clone())
-                    .bind(models.clone())
-                    .bind(as_i64(r.seq))
-                    .bind(as_i64(r.issued_at))
-                    .bind(as_i64(r.expires))
-                    .bind(signed.signature.clone());
+                query = bind_record(query, signed, models);
             }
         }
         let rows = query.fetch_all(&mut *conn).await?;
@@ -643,6 +634,23 @@ async fn heartbeats(
     Ok(out)
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds a record's eight columns in the order [`UPSERT`], [`HEARTBEAT`] and the batched
+/// heartbeat number them: key, node id, endpoint, models, seq, issued-at, expiry, signature.
+fn bind_record<'q>(query: AnyQuery<'q>, signed: &'q SignedRecord, models: &'q str) -> AnyQuery<'q> {
+    let r = &signed.record;
+    query
+        .bind(r.public_key.as_str())
+        .bind(r.node_id.as_str())
+        .bind(r.endpoint.as_str())
+        .bind(models)
+        .bind(as_i64(r.seq))
+        .bind(as_i64(r.issued_at))
+        .bind(as_i64(r.expires))
+        .bind(signed.signature.as_str())
+}
+
 /// One write inside the caller's transaction.
 async fn apply(conn: &mut AnyConnection, write: &Write) -> Result<Done, sqlx::Error> {
     match write {
@@ -653,15 +661,7 @@ async fn apply(conn: &mut AnyConnection, write: &Write) -> Result<Done, sqlx::Er
             index_models,
         } => {
             let r = &signed.record;
-            let upserted = sqlx::query(UPSERT)
-                .bind(&r.public_key)
-                .bind(&r.node_id)
-                .bind(&r.endpoint)
-                .bind(models)
-                .bind(as_i64(r.seq))
-                .bind(as_i64(r.issued_at))
-                .bind(as_i64(r.expires))
-                .bind(&signed.signature)
+            let upserted = bind_record(sqlx::query(UPSERT), signed, models)
                 .bind(i64::from(*reachable))
                 .execute(&mut *conn)
                 .await?;
@@ -674,16 +674,7 @@ async fn apply(conn: &mut AnyConnection, write: &Write) -> Result<Done, sqlx::Er
             Ok(Done::Put(PutOutcome::Stored))
         }
         Write::Heartbeat { signed, models } => {
-            let r = &signed.record;
-            let updated = sqlx::query(HEARTBEAT)
-                .bind(&r.public_key)
-                .bind(&r.node_id)
-                .bind(&r.endpoint)
-                .bind(models)
-                .bind(as_i64(r.seq))
-                .bind(as_i64(r.issued_at))
-                .bind(as_i64(r.expires))
-                .bind(&signed.signature)
+            let updated = bind_record(sqlx::query(HEARTBEAT), signed, models)
                 .execute(&mut *conn)
                 .await?;
             Ok(Done::Heartbeat(updated.rows_affected() == 1))
