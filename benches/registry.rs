@@ -376,6 +376,83 @@ async fn http_heartbeats(reg: &Registry, count: u64) {
     );
 }
 
+/// The same heartbeats from Debian's `wrk` (2 threads, 16 keep-alive TLS connections): a
+/// standard load generator that spends far less CPU per request than the bench's clients
+/// (it does not verify the answers' signatures), so more of the 2 cores go to the registry.
+async fn wrk_heartbeats(reg: &Registry, count: u64) {
+    const WRK: &str = "/usr/bin/wrk";
+    if !std::path::Path::new(WRK).exists() {
+        eprintln!("wrk heartbeats: skipped, no {WRK}");
+        return;
+    }
+    let lanes = presign(count, PER_WRITER).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bodies = dir.path().join("bodies.ndjson");
+    let mut text = String::new();
+    // Interleaved lanes: consecutive lines belong to different nodes.
+    for i in 0..PER_WRITER as usize {
+        for lane in &lanes {
+            text.push_str(&serde_json::to_string(&lane[i]).expect("json"));
+            text.push('\n');
+        }
+    }
+    std::fs::write(&bodies, text).expect("bodies");
+    // Each wrk thread sends every other line, each once.
+    let script = dir.path().join("heartbeat.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "local threads = 0\n\
+             function setup(thread) threads = threads + 1; thread:set('id', threads) end\n\
+             function init(args)\n  bodies = {{}}; next_body = 1; local n = 0\n\
+               for line in io.lines('{}') do\n\
+                 if n % 2 == id - 1 then bodies[#bodies + 1] = line end\n    n = n + 1\n  end\nend\n\
+             function request()\n  local b = bodies[next_body]\n\
+               next_body = next_body % #bodies + 1\n\
+               return wrk.format('POST', '/registry/v1/heartbeat', \
+                 {{['Content-Type'] = 'application/json', ['Host'] = 'localhost'}}, b)\nend\n",
+            bodies.display()
+        ),
+    )
+    .expect("script");
+    let server_cpu = cpu_of(reg.child.id());
+    let out = std::process::Command::new(WRK)
+        .args(["-t2", "-c16", &format!("-d{HEARTBEAT_SECS}s"), "-s"])
+        .arg(&script)
+        .arg(&reg.url)
+        .output()
+        .expect("run wrk");
+    let server_cpu = cpu_of(reg.child.id()) - server_cpu;
+    let report = String::from_utf8_lossy(&out.stdout);
+    let number_after = |label: &str| -> Option<f64> {
+        let line = report.lines().find(|l| l.contains(label))?;
+        line.split_whitespace()
+            .find_map(|w| w.trim_end_matches(',').parse::<f64>().ok())
+    };
+    let (Some(total), Some(secs)) = (
+        number_after("requests in"),
+        report
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split("requests in ").nth(1))
+            .and_then(|t| t.split('s').next())
+            .and_then(|t| t.parse::<f64>().ok()),
+    ) else {
+        panic!(
+            "unreadable wrk report:\n{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let failed = number_after("Non-2xx").unwrap_or(0.0);
+    let accepted = total - failed;
+    eprintln!(
+        "wrk signed heartbeats: {accepted:.0} accepted ({failed:.0} failed) in {secs:.1} s = \
+         {:.0}/s (wrk -t2 -c16 on the same 2 cores); registry CPU per heartbeat {:.0} us",
+        accepted / secs,
+        server_cpu.as_secs_f64() * 1e6 / accepted.max(1.0)
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument that is not ours is ignored.
     let count: u64 = std::env::var("ARKNET_BENCH_RECORDS")
@@ -407,5 +484,6 @@ fn main() {
     rt.block_on(async {
         http_lookups(&reg).await;
         http_heartbeats(&reg, count).await;
+        wrk_heartbeats(&reg, count).await;
     });
 }
