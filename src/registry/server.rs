@@ -99,6 +99,16 @@ impl RateLimiter {
     pub fn hit_key(&self, key: &str, now: u64) -> bool {
         self.hit(format!("k:{key}"), self.per_key, now)
     }
+
+    /// Whether `key` may write once more this minute, without counting.
+    pub fn key_has_room(&self, key: &str, now: u64) -> bool {
+        if self.per_key == 0 {
+            return true;
+        }
+        let w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        w.get(&format!("k:{key}"))
+            .is_none_or(|(minute, n)| *minute != now / 60 || *n < self.per_key)
+    }
 }
 
 /// The registry's Prometheus counters.
@@ -310,6 +320,28 @@ async fn register(
         Err(e) => return refusal(&state, &Refusal::Malformed(e.to_string())),
     };
     let r = &signed.record;
+    // Everything that does not depend on what is stored, the signature included, before the
+    // database is touched: an unsigned or forged write learns nothing and costs no read.
+    if let Err(refused) = validate_write(&signed, None, None, now, &state.policy) {
+        return refusal(&state, &refused);
+    }
+    let reached_before = || Reachability {
+        checked: state.checker.is_some(),
+        reachable: true,
+        detail: "unchanged endpoint, reached before".into(),
+    };
+    // The common write, a heartbeat of an unchanged record, is one conditional update in the
+    // writer's next group commit; anything else (a replay included) takes the full path.
+    if state.limiter.key_has_room(&r.public_key, now) {
+        match state.store.heartbeat(&signed).await {
+            Ok(true) => {
+                state.limiter.hit_key(&r.public_key, now);
+                return stored_answer(&state, r, &reached_before());
+            }
+            Ok(false) => {}
+            Err(e) => return store_failure(&e),
+        }
+    }
     let (stored, owner) = match state.store.binding(&r.public_key, &r.node_id).await {
         Ok(b) => b,
         Err(e) => return store_failure(&e),
@@ -323,17 +355,14 @@ async fn register(
     ) {
         return refusal(&state, &refused);
     }
-    // Counted only once the signature verified: forged writes cannot spend a victim's quota.
+    // Counted only once the signature and the binding checked out: forged writes and replays
+    // of a node's published record cannot spend its quota.
     if !state.limiter.hit_key(&r.public_key, now) {
         return refusal(&state, &Refusal::RateLimited("key"));
     }
     // A heartbeat from where the registry already reached the node needs no new dial.
     let reach = match &stored {
-        Some(s) if s.reachable && s.endpoint == r.endpoint => Reachability {
-            checked: state.checker.is_some(),
-            reachable: true,
-            detail: "unchanged endpoint, reached before".into(),
-        },
+        Some(s) if s.reachable && s.endpoint == r.endpoint => reached_before(),
         _ => check_reachable(&state, &r.endpoint, &r.public_key).await,
     };
     match state
@@ -361,6 +390,15 @@ async fn register(
         }
         Err(e) => return store_failure(&e),
     }
+    stored_answer(&state, r, &reach)
+}
+
+/// The answer to a stored register/heartbeat.
+fn stored_answer(
+    state: &RegistryState,
+    r: &super::record::Record,
+    reach: &Reachability,
+) -> Response {
     state.metrics.writes.with_label_values(&["register"]).inc();
     Json(json!({
         "stored": true,
