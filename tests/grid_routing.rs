@@ -322,8 +322,15 @@ fn an_ollama_request_is_translated_for_a_peer_that_only_speaks_openai() {
 
 #[test]
 fn a_clean_shutdown_leaves_every_audit_line_on_disk() {
-    // Audit lines are written in batches by a background thread; SIGTERM must not lose the
-    // last batch (the nodes exit right after the last request, inside one batch window).
+    // Audit lines are written in batches by a background thread; neither SIGTERM (graceful)
+    // nor SIGINT (Pingora's quick shutdown, Ctrl-C) may lose the last batch (the nodes exit
+    // right after the last request, inside one batch window).
+    for signal in ["TERM", "INT"] {
+        shutdown_keeps_audit_lines(signal);
+    }
+}
+
+fn shutdown_keeps_audit_lines(signal: &str) {
     let a = ark(&["llama3.1:8b"], 4, |c| c);
     let b = ark(&["qwen3.5:35b"], 4, |c| c);
     share(&b, &a, &["qwen3.5:35b"], 2);
@@ -340,8 +347,8 @@ fn a_clean_shutdown_leaves_every_audit_line_on_disk() {
         node: mut b_node,
         backend: b_backend,
     } = b;
-    a_node.terminate();
-    b_node.terminate();
+    a_node.signal(signal);
+    b_node.signal(signal);
     assert_eventually(Duration::from_secs(15), "both nodes exited", || {
         !a_node.alive() && !b_node.alive()
     });
@@ -352,7 +359,7 @@ fn a_clean_shutdown_leaves_every_audit_line_on_disk() {
             .filter(|l| l.contains(&format!("\"direction\":\"{direction}\"")))
             .count()
     };
-    assert_eq!(lines(&a_node, "outbound"), N);
-    assert_eq!(lines(&b_node, "inbound"), N);
+    assert_eq!(lines(&a_node, "outbound"), N, "SIG{signal}");
+    assert_eq!(lines(&b_node, "inbound"), N, "SIG{signal}");
     drop((a_backend, b_backend));
 }

@@ -261,11 +261,16 @@ impl NodeProc {
 
     /// Sends SIGTERM to the process (by its PID), as a service manager stops it.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`, ...) to the node by its PID.
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM {}", self.pid());
+        assert!(status.success(), "kill -{name} {}", self.pid());
     }
 
     /// Ends the process by its PID (SIGKILL) and reaps it.
