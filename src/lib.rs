@@ -225,6 +225,7 @@ impl Node {
         );
         // Buffered lines are written out before the process ends (see shutdown.rs).
         let audit_at_exit = audit.clone();
+        let audit_at_end = audit.clone();
         let node = NodeInfo {
             node_id: self.node_id.clone(),
             public_key: self.identity.public_key(),
@@ -404,7 +405,11 @@ impl Node {
             server.add_service(background_service("registry discovery", registry));
         }
         self.log_summary();
-        server.run_forever()
+        server.run(pingora::server::RunArgs::default());
+        // Pingora returns once its runtimes are gone (after a quick shutdown at once): what
+        // the audit writer had not written out yet goes to disk before the process ends.
+        audit_at_end.flush();
+        std::process::exit(0)
     }
 
     /// The start-up summary: what an operator needs to know that the node runs as intended.

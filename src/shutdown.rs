@@ -82,25 +82,11 @@ pub fn exit_when_drained(
     let spawned = std::thread::Builder::new()
         .name("arknet drain".to_string())
         .spawn(move || {
-            // A quick shutdown (SIGINT) has no grace period: Pingora goes straight to dropping
-            // the runtimes, and this thread only keeps writing out what they leave behind.
-            let graceful = loop {
+            loop {
                 match phases.blocking_recv() {
-                    Ok(ExecutionPhase::ShutdownGracePeriod) => break true,
-                    Ok(ExecutionPhase::ShutdownRuntimes | ExecutionPhase::Terminated) => {
-                        break false
-                    }
+                    Ok(ExecutionPhase::ShutdownGracePeriod) => break,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => {
-                        before_exit();
-                        return;
-                    }
-                }
-            };
-            if !graceful {
-                loop {
-                    before_exit();
-                    std::thread::sleep(DRAIN_POLL);
+                    Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
             let start = Instant::now();
