@@ -1648,6 +1648,23 @@ fn render_report(
         })
         .collect();
     let measured = |s: usize| results[s].iter().all(|runs| !runs.is_empty());
+    // One row per measured scenario: target `a` against target `b` (this build vs a baseline).
+    let compare = |out: &mut String, a: usize, b: usize| {
+        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let (am, bm) = (&summaries[s][a], &summaries[s][b]);
+            let _ = writeln!(
+                out,
+                "{:<20} {:>12.2} {:>12.3} {:>12.3} {:>12.1} {:>12.1} {:>12.2}",
+                scenario.name,
+                am.rate / bm.rate,
+                am.p50,
+                bm.p50,
+                am.proxy_us,
+                bm.proxy_us,
+                am.proxy_us / bm.proxy_us
+            );
+        }
+    };
     for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
         for (t, target) in targets.iter().enumerate() {
             let m = &summaries[s][t];
@@ -1728,20 +1745,7 @@ fn render_report(
             "base CPU",
             "CPU ratio"
         );
-        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
-            let (am, bm) = (&summaries[s][a], &summaries[s][b]);
-            let _ = writeln!(
-                out,
-                "{:<20} {:>12.2} {:>12.3} {:>12.3} {:>12.1} {:>12.1} {:>12.2}",
-                scenario.name,
-                am.rate / bm.rate,
-                am.p50,
-                bm.p50,
-                am.proxy_us,
-                bm.proxy_us,
-                am.proxy_us / bm.proxy_us
-            );
-        }
+        compare(&mut out, a, b);
         if let (Some(h), Some(hb)) = (
             find_target("arknet 2-hop"),
             find_target("arknet base 2-hop"),
@@ -1750,20 +1754,7 @@ fn render_report(
                 out,
                 "two hops: this build (arknet 2-hop) vs the baseline's (arknet base 2-hop), CPU of both nodes"
             );
-            for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
-                let (am, bm) = (&summaries[s][h], &summaries[s][hb]);
-                let _ = writeln!(
-                    out,
-                    "{:<20} {:>12.2} {:>12.3} {:>12.3} {:>12.1} {:>12.1} {:>12.2}",
-                    scenario.name,
-                    am.rate / bm.rate,
-                    am.p50,
-                    bm.p50,
-                    am.proxy_us,
-                    bm.proxy_us,
-                    am.proxy_us / bm.proxy_us
-                );
-            }
+            compare(&mut out, h, hb);
         }
     }
 
