@@ -133,15 +133,15 @@ pub const RELIABLE: f64 = 0.9;
 /// The order is produced lazily: a request tries a handful of peers, so the best few are
 /// picked while the keys are built (one pass), and the rest is sorted only if the caller keeps
 /// asking.
-pub fn rank_peers(peers: &[PeerView]) -> PeerRanking {
-    let mut keys = Vec::with_capacity(peers.len().min(MAX_RANKED));
+pub fn rank_peers(peers: &[PeerView]) -> PeerRanking<'_> {
     let mut best = [u64::MAX; BEST];
+    let mut candidates = 0;
     for (i, p) in peers.iter().enumerate().take(MAX_RANKED) {
-        if p.grant == 0 || p.our_in_flight >= p.grant || (p.probation && p.our_in_flight > 0) {
+        if !eligible(p) {
             continue;
         }
+        candidates += 1;
         let key = rank_key(i, p);
-        keys.push(key);
         if key < best[BEST - 1] {
             // Insertion into a sorted array of four: most keys stop at the first comparison.
             let mut at = BEST - 1;
@@ -153,11 +153,18 @@ pub fn rank_peers(peers: &[PeerView]) -> PeerRanking {
         }
     }
     PeerRanking {
-        keys,
+        peers,
+        candidates,
+        keys: Vec::new(),
         best,
         next: 0,
-        sorted: false,
     }
+}
+
+/// Whether a peer may be tried at all: it grants us something, we are below that grant, and a
+/// peer on probation does not already have our probe.
+fn eligible(p: &PeerView) -> bool {
+    p.grant > 0 && p.our_in_flight < p.grant && !(p.probation && p.our_in_flight > 0)
 }
 
 /// Peers ranked at most (the index has 20 bits of the key); a household has a handful.
@@ -180,8 +187,11 @@ fn rank_key(i: usize, p: &PeerView) -> u64 {
     let free = p.free_slots.saturating_sub(p.our_in_flight).min(p.grant);
     // A float division is several times cheaper than an integer one, and exact here: the
     // quotient of integers this small is never within rounding distance of the next integer.
-    let per_mille = (free as f64 * 1000.0 / p.grant as f64) as u64;
-    let latency = ((p.latency_ms.max(0.0) * 10.0) as u64).min((1 << 20) - 1);
+    // The conversions go through 32 bits: x86-64 converts signed 32/64-bit integers to and
+    // from floats in one instruction, while `u64`/`usize` take a branchy sequence each way.
+    let small = |n: usize| f64::from(n.min(u32::MAX as usize) as u32);
+    let per_mille = u64::from((small(free) * 1000.0 / small(p.grant)) as u32);
+    let latency = u64::from((p.latency_ms.max(0.0) * 10.0).min(((1 << 20) - 1) as f64) as u32);
     let flags = (u64::from(free == 0) << 3)
         | (u64::from(p.probation) << 2)
         | (u64::from(p.reliability < RELIABLE) << 1)
@@ -199,30 +209,41 @@ const BEST: usize = 4;
 
 /// Peers in ranked order (see [`rank_peers`]), as indices into the slice that was ranked.
 #[derive(Debug, Clone)]
-pub struct PeerRanking {
-    /// Rank keys of every candidate, in no order until `sorted`.
+pub struct PeerRanking<'a> {
+    /// What was ranked: the keys of the rest are built again only if a fifth is asked for.
+    peers: &'a [PeerView],
+    /// Eligible peers.
+    candidates: usize,
+    /// Every candidate's key, sorted; empty until a fifth candidate is asked for (a request
+    /// tries at most four, so it never allocates).
     keys: Vec<u64>,
     /// The smallest keys, in order (`u64::MAX` where there are fewer).
     best: [u64; BEST],
     /// Candidates handed out so far.
     next: usize,
-    sorted: bool,
 }
 
-impl Iterator for PeerRanking {
+impl Iterator for PeerRanking<'_> {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
-        if self.next >= self.keys.len() {
+        if self.next >= self.candidates {
             return None;
         }
         let key = if self.next < BEST {
             self.best[self.next]
         } else {
-            if !self.sorted {
+            if self.keys.is_empty() {
                 // Keys are unique, so the sorted keys begin with the ones already handed out.
+                self.keys = self
+                    .peers
+                    .iter()
+                    .enumerate()
+                    .take(MAX_RANKED)
+                    .filter(|(_, p)| eligible(p))
+                    .map(|(i, p)| rank_key(i, p))
+                    .collect();
                 self.keys.sort_unstable();
-                self.sorted = true;
             }
             self.keys[self.next]
         };
@@ -231,12 +252,12 @@ impl Iterator for PeerRanking {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.keys.len() - self.next;
+        let left = self.candidates - self.next;
         (left, Some(left))
     }
 }
 
-impl ExactSizeIterator for PeerRanking {}
+impl ExactSizeIterator for PeerRanking<'_> {}
 
 #[cfg(test)]
 mod tests {
