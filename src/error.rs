@@ -40,7 +40,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with this status, machine-readable code and message (no `Retry-After`).
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,

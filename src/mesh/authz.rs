@@ -73,14 +73,7 @@ pub fn may_infer(peer: &ApprovedPeer) -> Result<(), Denied> {
 /// May this approved peer run `model`?
 pub fn authorize(peer: &ApprovedPeer, model: &str) -> Result<Permit, Denied> {
     may_infer(peer)?;
-    if !shares(peer, model) {
-        return Err(Denied::ModelNotShared(model.to_string()));
-    }
-    Ok(Permit {
-        key: peer.public_key,
-        node_id: peer.node_id.clone(),
-        model: model.to_string(),
-    })
+    permit_for_shared(peer, model)
 }
 
 /// May this approved peer pull the weights of `model`? Only with `can_pull_models` and only
@@ -89,6 +82,12 @@ pub fn may_pull(peer: &ApprovedPeer, model: &str) -> Result<Permit, Denied> {
     if !peer.permissions.can_pull_models {
         return Err(Denied::NoPulls);
     }
+    permit_for_shared(peer, model)
+}
+
+/// The permit for `model`, if it is among those shared with `peer` (the check inference and
+/// pulls have in common).
+fn permit_for_shared(peer: &ApprovedPeer, model: &str) -> Result<Permit, Denied> {
     if !shares(peer, model) {
         return Err(Denied::ModelNotShared(model.to_string()));
     }

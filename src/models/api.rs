@@ -55,15 +55,6 @@ pub struct PullApi {
     hosts: crate::admin::trust::HostPolicy,
 }
 
-fn api_error(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        code,
-        message: message.into(),
-        retry_after: None,
-    }
-}
-
 impl PullApi {
     /// The handler: grid pulls through `puller`, the rest to the first Ollama backend.
     pub fn new(
@@ -119,7 +110,7 @@ impl PullApi {
             self.pull_from_grid(s, &model, offers, parsed.stream.unwrap_or(true))
                 .await
         } else if parsed.arknet.grid_only || parsed.arknet.from.is_some() {
-            let e = api_error(
+            let e = ApiError::new(
                 404,
                 "model_not_offered",
                 PullError::NotOffered(model.clone()).to_string(),
@@ -183,7 +174,7 @@ impl PullApi {
     /// answer back as it streams.
     async fn pass_through(&self, s: &mut ServerSession, body: Bytes) -> Outcome {
         let Some(b) = &self.ollama else {
-            let e = api_error(
+            let e = ApiError::new(
                 404,
                 "model_not_offered",
                 "no approved peer offers this model, and this node has no Ollama backend to pull it",
@@ -276,7 +267,7 @@ fn as_api_error(e: &PullError) -> ApiError {
         PullError::Install(_) => (502, "install_failed"),
         PullError::Busy(_) => (409, "pull_in_progress"),
     };
-    api_error(status, code, e.to_string())
+    ApiError::new(status, code, e.to_string())
 }
 
 /// One progress event in Ollama's shape.

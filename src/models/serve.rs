@@ -199,15 +199,6 @@ pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
         .and_then(|(_, v)| decode(v))
 }
 
-fn api_error(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        code,
-        message: message.into(),
-        retry_after: None,
-    }
-}
-
 impl ModelServer {
     /// A server over `store` with the node's sharing settings.
     pub fn new(
@@ -301,10 +292,10 @@ impl ModelServer {
 
     async fn store_error(&self, s: &mut ServerSession, model: &str, e: StoreError) -> Outcome {
         let err = match e {
-            StoreError::NotFound(m) => api_error(404, "model_not_found", m),
+            StoreError::NotFound(m) => ApiError::new(404, "model_not_found", m),
             StoreError::Broken(m) => {
                 tracing::warn!(model, error = %m, "shared model's weights are unreadable");
-                api_error(
+                ApiError::new(
                     500,
                     "weights_unreadable",
                     format!("model \"{model}\": weights unreadable here"),
@@ -322,7 +313,7 @@ impl ModelServer {
         digest: &str,
     ) -> Outcome {
         if !valid_digest(digest) {
-            let e = api_error(
+            let e = ApiError::new(
                 400,
                 "invalid_digest",
                 "`digest` must be sha256: and 64 lowercase hex digits",
@@ -340,7 +331,7 @@ impl ModelServer {
         };
         let Ok(_slot) = self.transfers.clone().try_acquire_owned() else {
             self.refused.with_label_values(&["transfer_limit"]).inc();
-            let mut e = api_error(
+            let mut e = ApiError::new(
                 429,
                 "too_many_transfers",
                 format!(
@@ -397,7 +388,7 @@ impl ModelServer {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot open a shared blob");
-                let e = api_error(500, "weights_unreadable", "blob unreadable here");
+                let e = ApiError::new(500, "weights_unreadable", "blob unreadable here");
                 return (reply_error(s, Dialect::OpenAi, &e).await, 0, None);
             }
         };
