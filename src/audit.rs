@@ -70,6 +70,37 @@ pub struct AuditRecord {
     pub bytes: Option<u64>,
 }
 
+impl AuditRecord {
+    /// A line with no token counts (a refusal before the model was read, a weight transfer):
+    /// `latency_ms` from `started`, the time from `started_at`.
+    pub fn without_tokens(
+        started_at: std::time::SystemTime,
+        started: std::time::Instant,
+        direction: Direction,
+        peer: String,
+        model: String,
+        status: u16,
+        error: Option<String>,
+    ) -> Self {
+        AuditRecord {
+            timestamp: crate::timefmt::rfc3339(started_at),
+            direction,
+            peer,
+            model,
+            status,
+            error,
+            prompt_tokens: None,
+            prompt_tokens_estimated: false,
+            completion_tokens: None,
+            token_source: TokenSource::Counted,
+            claim_refused: false,
+            ttft_ms: None,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            bytes: None,
+        }
+    }
+}
+
 /// Append-only writer with size rotation and a window of recent entries.
 ///
 /// A request only serialises its line into a shared buffer; a background thread appends the

@@ -270,22 +270,15 @@ impl Mesh {
         started: Instant,
         outcome: &Outcome,
     ) {
-        self.audit.write(crate::audit::AuditRecord {
-            timestamp: crate::timefmt::rfc3339(std::time::SystemTime::now() - started.elapsed()),
-            direction: Direction::Inbound,
-            peer: key.map_or_else(|| "no certificate".to_string(), |k| k.to_string()),
-            model: String::new(),
-            status: outcome.status,
-            error: Some(denied.code().to_string()),
-            prompt_tokens: None,
-            prompt_tokens_estimated: false,
-            completion_tokens: None,
-            token_source: crate::dialect::meter::TokenSource::Counted,
-            claim_refused: false,
-            ttft_ms: None,
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            bytes: None,
-        });
+        self.audit.write(crate::audit::AuditRecord::without_tokens(
+            std::time::SystemTime::now() - started.elapsed(),
+            started,
+            Direction::Inbound,
+            key.map_or_else(|| "no certificate".to_string(), |k| k.to_string()),
+            String::new(),
+            outcome.status,
+            Some(denied.code().to_string()),
+        ));
     }
 
     /// An unapproved key connected: list it as pending so its owner's request can be approved.

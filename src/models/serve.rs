@@ -537,20 +537,16 @@ pub fn record_transfer(audit: &AuditLog, metrics: &TransferMetrics, r: TransferR
         .with_label_values(&[r.peer, dir, &r.status.to_string()])
         .inc();
     audit.write(AuditRecord {
-        timestamp: crate::timefmt::rfc3339(r.started_at),
-        direction: r.direction,
-        peer: r.peer.to_string(),
-        model: r.model.to_string(),
-        status: r.status,
-        error: r.error,
-        prompt_tokens: None,
-        prompt_tokens_estimated: false,
-        completion_tokens: None,
-        token_source: crate::dialect::meter::TokenSource::Counted,
-        claim_refused: false,
-        ttft_ms: None,
-        latency_ms: r.started.elapsed().as_secs_f64() * 1000.0,
         bytes: Some(r.bytes),
+        ..AuditRecord::without_tokens(
+            r.started_at,
+            r.started,
+            r.direction,
+            r.peer.to_string(),
+            r.model.to_string(),
+            r.status,
+            r.error,
+        )
     });
 }
 
