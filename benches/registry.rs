@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arknet::registry::client::RegistryClient;
-use arknet::registry::record::{validate_write, Policy, Record, SignedRecord, Signer};
+use arknet::registry::record::{
+    validate_binding, validate_write, Policy, Record, SignedRecord, Signer,
+};
 use arknet::registry::store::Store;
 
 const MODELS: usize = 1000;
@@ -232,7 +234,7 @@ async fn store_heartbeats(store: Arc<Store>, count: u64) {
                     .binding(&hb.record.public_key, &hb.record.node_id)
                     .await
                     .expect("binding");
-                if validate_write(&hb, stored.as_ref(), owner.as_deref(), now(), &policy).is_ok() {
+                if validate_binding(&hb, stored.as_ref(), owner.as_deref()).is_ok() {
                     store
                         .put(&hb, true, stored.as_ref().map(|s| s.models.as_str()))
                         .await

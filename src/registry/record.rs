@@ -540,6 +540,18 @@ pub fn validate_write(
     check_binding(&r.node_id, &r.public_key, r.seq, stored, owner_of_id)
 }
 
+/// The stored-state half of [`validate_write`], for a write whose other checks (signature
+/// included) already passed with no stored state: the node id is not bound to another key and
+/// the seq is above the stored one.
+pub fn validate_binding(
+    signed: &SignedRecord,
+    stored: Option<&Stored>,
+    owner_of_id: Option<&str>,
+) -> Result<(), Refusal> {
+    let r = &signed.record;
+    check_binding(&r.node_id, &r.public_key, r.seq, stored, owner_of_id)
+}
+
 /// Checks a delete: signed by the key, fresh, above the stored seq, and naming the stored id.
 pub fn validate_delete(
     req: &DeleteRequest,

@@ -33,8 +33,8 @@ use tokio::sync::OnceCell;
 
 use super::config::RegistryConfig;
 use super::record::{
-    answer_signed_bytes, validate_delete, validate_write, DeleteRequest, Policy, Refusal,
-    SignedRecord, Signer,
+    answer_signed_bytes, validate_binding, validate_delete, validate_write, DeleteRequest, Policy,
+    Refusal, SignedRecord, Signer,
 };
 use super::store::{PutOutcome, Store, StoreError};
 use crate::admin::ClientAddr;
@@ -346,13 +346,8 @@ async fn register(
         Ok(b) => b,
         Err(e) => return store_failure(&e),
     };
-    if let Err(refused) = validate_write(
-        &signed,
-        stored.as_ref(),
-        owner.as_deref(),
-        now,
-        &state.policy,
-    ) {
+    // The signature was verified above; only the stored-state checks are left.
+    if let Err(refused) = validate_binding(&signed, stored.as_ref(), owner.as_deref()) {
         return refusal(&state, &refused);
     }
     // Counted only once the signature and the binding checked out: forged writes and replays
