@@ -13,6 +13,26 @@ use super::http;
 /// Path of the binary under test.
 pub const ARKNET: &str = env!("CARGO_BIN_EXE_arknet");
 
+/// Starts `arknet <subcommand...> --config CONFIG` with its stdout and stderr appended to
+/// `log` (info level), stdin closed.
+pub fn spawn_logged(subcommand: &[&str], config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(ARKNET)
+        .args(subcommand)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn arknet {subcommand:?}: {e}"))
+}
+
 static NEXT_HOST: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh loopback address for one node or backend: distinct per test process and per call,
@@ -199,22 +219,7 @@ impl NodeProc {
     }
 
     fn spawn_process(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("log file");
-        let child = Command::new(ARKNET)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn arknet");
-        self.child = Some(child);
+        self.child = Some(spawn_logged(&["serve"], &self.config_path, &self.log_path));
     }
 
     /// Bounded poll until `/health` answers; panics with the log if the process exits first.

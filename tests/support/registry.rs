@@ -2,10 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use super::grid::{free_port, ARKNET};
+use super::grid::{free_port, spawn_logged};
 
 /// A registry process; killed by its PID when dropped.
 pub struct RegistryProc {
@@ -74,21 +74,11 @@ impl RegistryProc {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("log file");
-        let child = Command::new(ARKNET)
-            .args(["registry", "serve", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn arknet registry");
-        self.child = Some(child);
+        self.child = Some(spawn_logged(
+            &["registry", "serve"],
+            &self.config_path,
+            &self.log_path,
+        ));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err()
         {
