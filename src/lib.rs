@@ -46,7 +46,6 @@ use std::sync::Arc;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
-use pingora::services::listening::Service;
 
 use crate::admin::trust::HostPolicy;
 use crate::admin::{Admin, AdminState};
@@ -385,11 +384,9 @@ impl Node {
         );
         let limits = config.connections.clone();
         let api_app = App::new(gateway, limits.clone()).counting(in_flight.clone());
-        let mut api = Service::new("arknet api".to_string(), api_app);
-        api.add_tcp(&config.api_listen.to_string());
+        let api = api_app.into_service("arknet api", config.api_listen);
         let mesh_app = App::with_tls(mesh, limits, tls.server_acceptor()?).counting(in_flight);
-        let mut mesh_service = Service::new("arknet mesh".to_string(), mesh_app);
-        mesh_service.add_tcp(&config.mesh_listen.to_string());
+        let mesh_service = mesh_app.into_service("arknet mesh", config.mesh_listen);
         server.add_service(api);
         server.add_service(mesh_service);
         server.add_service(background_service("model catalog", CatalogRefresh(catalog)));

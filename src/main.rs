@@ -7,6 +7,12 @@ use arknet::config::{BackendConfig, BackendKind, BackendUrl, Config};
 use arknet::Node;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The request path makes about fifty small, short-lived allocations per request (most in
+/// Pingora's header parsing and building); mimalloc's per-thread free lists serve them for less
+/// CPU than glibc's malloc (see `benches/README.md`, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Config file used when `--config` is not given and it exists.
 const DEFAULT_CONFIG_PATH: &str = "conf/arknet.toml";
 /// `sysexits.h` EX_USAGE: a bad command line or config.

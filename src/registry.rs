@@ -17,7 +17,6 @@ use std::sync::Arc;
 use pingora::listeners::TlsAccept;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
-use pingora::services::listening::Service;
 use pingora::tls::ssl::{SslAcceptor, SslFiletype, SslMethod};
 
 use crate::identity::Identity;
@@ -156,11 +155,7 @@ pub fn serve(config: RegistryConfig) -> Result<(), RegistryError> {
     });
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut service = Service::new(
-        "arknet registry".to_string(),
-        App::with_tls(handler, limits, tls),
-    );
-    service.add_tcp(&listen.to_string());
+    let service = App::with_tls(handler, limits, tls).into_service("arknet registry", listen);
     server.add_service(service);
     server.run_forever()
 }

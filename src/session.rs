@@ -4,7 +4,7 @@
 //! JSON replies.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -15,12 +15,13 @@ use http::header::{self, HeaderName};
 use http::Method;
 use pingora::apps::ServerApp;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::listeners::TlsAccept;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TlsAccept};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server as tls_server;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use pingora::services::listening::Service;
 use pingora::tls::ssl::SslAcceptor;
 use serde_json::Value;
 
@@ -133,6 +134,10 @@ pub struct App<H> {
     in_flight: Arc<crate::shutdown::InFlight>,
 }
 
+/// Read buffer under a TLS listener: a whole TLS record (16 KiB of data plus header, padding
+/// and tag) in one read.
+const TLS_READ_BUFFER: usize = 16 * 1024 + 512;
+
 /// A server-side TLS configuration and the callbacks run at handshake time.
 pub struct TlsAcceptor {
     /// The built BoringSSL acceptor.
@@ -166,6 +171,26 @@ impl<H: Handler> App<H> {
             tls: Some(tls),
             ..Self::new(handler, limits)
         }
+    }
+
+    /// A Pingora service running this app on a TCP listener at `addr`.
+    ///
+    /// Plain HTTP gets no read buffer under Pingora's HTTP/1 session, which reads into buffers
+    /// of its own: Pingora's default one (64 KiB, zero-filled at accept) would only add a copy
+    /// per read and 64 KiB per connection, which is most of a held stream's memory. Under TLS a
+    /// buffer of one record stays, because BoringSSL reads each record in two reads (its
+    /// 5-byte header, then the rest) and has no read-ahead of its own.
+    pub fn into_service(self, name: &str, addr: SocketAddr) -> Service<Self> {
+        let read = if self.tls.is_some() {
+            TLS_READ_BUFFER
+        } else {
+            0
+        };
+        let mut service = Service::new(name.to_string(), self);
+        service.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(read)),
+        );
+        service
     }
 
     async fn handshake(&self, stream: Stream) -> Option<Stream> {
