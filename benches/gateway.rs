@@ -1,6 +1,7 @@
-//! Load benchmark: the same fake backend served directly, through nginx, through arknet, and
-//! through two arknet nodes joined by the mutual-TLS mesh (client -> node A's API -> mesh ->
-//! node B's mesh listener -> B's backend).
+//! Load benchmark: the same fake backend served directly, through nginx, through a bare Pingora
+//! proxy (`examples/pingora_floor.rs`: what the library arknet is built on costs alone), through
+//! arknet, and through two arknet nodes joined by the mutual-TLS mesh (client -> node A's API ->
+//! mesh -> node B's mesh listener -> B's backend).
 //!
 //! One run, interleaved: every round runs each scenario against each target (in a rotating
 //! order), so machine noise lands on all of them alike; the tables report medians across rounds
@@ -181,6 +182,8 @@ struct Settings {
     /// Another `arknet` binary (say, a build of the previous commit) run as one more 1-hop
     /// target, `arknet base`, so that a change is compared before/after in the same rounds.
     baseline: Option<PathBuf>,
+    /// The built `pingora_floor` example, run as target `pingora`; `None` leaves it out.
+    pingora: Option<PathBuf>,
 }
 
 impl Settings {
@@ -225,8 +228,17 @@ impl Settings {
                     );
                     true
                 }),
+            pingora: pingora_floor_bin(),
         }
     }
+}
+
+/// `target/<profile>/examples/pingora_floor` beside this bench binary (which cargo puts in
+/// `target/<profile>/deps/`), if it was built: `cargo bench` does not build examples.
+fn pingora_floor_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    Some(profile_dir.join("examples").join("pingora_floor")).filter(|p| p.is_file())
 }
 
 fn main() {
@@ -257,6 +269,10 @@ fn main() {
         FakeConfig::both(&[OTHER_MODEL]).record(false),
     );
     let nginx = start_nginx(ip, backend.addr);
+    let pingora = settings
+        .pingora
+        .as_deref()
+        .map(|bin| start_pingora(bin, ip, backend.addr, settings.arknet_threads));
     // Node B is both the 1-hop target (its API listener) and the far end of the 2-hop one (its
     // mesh listener); the runs never overlap, so each measures one path at a time.
     let mut node_b = start_arknet(
@@ -315,6 +331,16 @@ fn main() {
             pids: vec![nginx.pid()],
             watch: vec![("nginx->backend", backend.addr)],
         },
+    ];
+    if let Some(floor) = &pingora {
+        targets.push(Target {
+            name: "pingora",
+            addr: floor.addr,
+            pids: vec![floor.pid()],
+            watch: vec![("pingora->backend", backend.addr)],
+        });
+    }
+    targets.extend([
         Target {
             name: "arknet",
             addr: node_b.proc.addr,
@@ -330,7 +356,7 @@ fn main() {
                 ("2-hop B->backend", backend.addr),
             ],
         },
-    ];
+    ]);
     if let Some(node) = &node_base {
         targets.push(Target {
             name: "arknet base",
@@ -387,7 +413,16 @@ fn main() {
         let n = settings
             .slow_streams
             .min(nofile.saturating_sub(1024) as usize);
-        let slow_targets = [(&targets[1], nginx.pid()), (&targets[2], node_b.proc.pid())];
+        let by_name = |name| {
+            targets
+                .iter()
+                .find(|t| t.name == name)
+                .expect("bench target")
+        };
+        let slow_targets = [
+            (by_name("nginx"), nginx.pid()),
+            (by_name("arknet"), node_b.proc.pid()),
+        ];
         runtime.block_on(async {
             let mut reports = Vec::new();
             for (target, pid) in slow_targets {
@@ -403,6 +438,10 @@ fn main() {
 
     let mut nginx = nginx;
     nginx.assert_alive();
+    let mut pingora = pingora;
+    if let Some(floor) = pingora.as_mut() {
+        floor.assert_alive();
+    }
     node_a.proc.assert_alive();
     node_b.proc.assert_alive();
     if let Some(node) = node_base.as_mut() {
@@ -419,6 +458,7 @@ fn main() {
             clk_tck,
             total,
             nginx_threads: thread_count(nginx.pid()),
+            pingora_threads: pingora.as_ref().and_then(|p| thread_count(p.pid())),
             arknet_threads: thread_count(node_b.proc.pid()),
             arknet_a_threads: thread_count(node_a.proc.pid()),
             backend_workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
@@ -433,6 +473,7 @@ fn main() {
     drop(node_a);
     drop(node_b);
     drop(nginx);
+    drop(pingora);
     drop(other_backend);
     drop(backend);
 }
@@ -551,6 +592,53 @@ fn start_nginx(ip: Ipv4Addr, backend: SocketAddr) -> Proc {
     proc
 }
 
+/// Starts `command` (stdin closed, stdout and stderr into `log.txt` in `dir`, which the returned
+/// process owns) for a server that will listen on `addr`.
+fn spawn_logged(
+    name: &'static str,
+    mut command: Command,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+) -> Proc {
+    let log = dir.path().join("log.txt");
+    let out = std::fs::File::create(&log).expect("child log file");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("child log fd"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    Proc {
+        name,
+        addr,
+        child,
+        log,
+        _dir: dir,
+    }
+}
+
+/// The `pingora_floor` example (a bare Pingora proxy) in front of `backend`, with `threads`
+/// worker threads when given (as arknet's `[api] threads`; else one per core, as arknet).
+/// Its pid file and upgrade socket go into the process's own tempdir.
+fn start_pingora(bin: &Path, ip: Ipv4Addr, backend: SocketAddr, threads: Option<usize>) -> Proc {
+    let dir = tempfile::tempdir().expect("pingora tempdir");
+    let addr = SocketAddr::from((ip, free_port(ip)));
+    let mut command = Command::new(bin);
+    command
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--upstream")
+        .arg(backend.to_string())
+        .arg("--run-dir")
+        .arg(dir.path());
+    if let Some(t) = threads {
+        command.arg("--threads").arg(t.to_string());
+    }
+    let mut proc = spawn_logged("pingora", command, addr, dir);
+    proc.wait_ready();
+    proc
+}
+
 /// A running `arknet serve`: the process (its API listener is `proc.addr`) and its mesh listener.
 struct Node {
     proc: Proc,
@@ -581,24 +669,9 @@ fn start_arknet(
     );
     let conf_path = dir.path().join("arknet.toml");
     std::fs::write(&conf_path, conf).expect("write arknet.toml");
-    let log = dir.path().join("arknet.log");
-    let out = std::fs::File::create(&log).expect("arknet log file");
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg("--config")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("arknet log fd"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn arknet");
-    let mut proc = Proc {
-        name,
-        addr,
-        child,
-        log,
-        _dir: dir,
-    };
+    let mut command = Command::new(bin);
+    command.arg("serve").arg("--config").arg(&conf_path);
+    let mut proc = spawn_logged(name, command, addr, dir);
     let deadline = Instant::now() + READY_TIMEOUT;
     let health = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     while probe_status(addr, health) != Some(200) {
@@ -1464,6 +1537,8 @@ struct Context {
     clk_tck: f64,
     total: Duration,
     nginx_threads: Option<u64>,
+    /// The bare Pingora proxy's, when it runs.
+    pingora_threads: Option<u64>,
     /// Node B's: the 1-hop target and the far end of the 2-hop one.
     arknet_threads: Option<u64>,
     arknet_a_threads: Option<u64>,
@@ -1594,22 +1669,35 @@ fn render_report(
         "machine: {cpus} CPU(s), {model}; load avg at end: {}",
         load.trim()
     );
+    let pingora_limits = if settings.pingora.is_some() {
+        format!(
+            ", a bare Pingora proxy (threads as arknet's api threads; {} threads in all)",
+            threads(ctx.pingora_threads)
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
         "limits: these {cpus} CPU(s) are shared by the client (1 thread), the fake backends ({} tokio \
-         workers each), nginx (1 worker process, master_process off; {} threads) and two arknet \
-         nodes (api threads {arknet_cfg}; B {} threads, A {} threads in all). Absolute numbers are \
-         capped by that sharing; compare ratios.",
+         workers each), nginx (1 worker process, master_process off; {} threads){pingora_limits} and \
+         two arknet nodes (api threads {arknet_cfg}; B {} threads, A {} threads in all). Absolute \
+         numbers are capped by that sharing; compare ratios.",
         ctx.backend_workers,
         threads(ctx.nginx_threads),
         threads(ctx.arknet_threads),
         threads(ctx.arknet_a_threads),
     );
+    let pingora_target = if settings.pingora.is_some() {
+        " pingora = client -> bare Pingora proxy (examples/pingora_floor.rs) -> backend;"
+    } else {
+        ""
+    };
     let _ = writeln!(
         out,
-        "targets: direct = client -> fake backend; nginx = client -> nginx -> backend; arknet = \
-         client -> node B's API -> backend (1 hop); arknet 2-hop = client -> node A's API -> mTLS \
-         mesh -> node B's mesh listener -> backend (A has only another model)."
+        "targets: direct = client -> fake backend; nginx = client -> nginx -> backend;{pingora_target} \
+         arknet = client -> node B's API -> backend (1 hop); arknet 2-hop = client -> node A's API \
+         -> mTLS mesh -> node B's mesh listener -> backend (A has only another model)."
     );
     let _ = writeln!(
         out,
@@ -1727,6 +1815,70 @@ fn render_report(
             am.rate / dm.rate,
             am.rate / nm.rate
         );
+    }
+
+    let floor = find_target("pingora");
+    if let Some(p) = floor {
+        let _ = writeln!(
+            out,
+            "\nfloor: bare Pingora (client -> pingora_floor example -> backend), what the library \
+             arknet is built on costs alone, vs arknet (1 hop) and nginx"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>10}",
+            "scenario",
+            "pingora",
+            "pingora",
+            "arknet/",
+            "nginx/",
+            "pingora",
+            "arknet",
+            "nginx",
+            "arknet/",
+            "nginx/"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>10}",
+            "",
+            "rate/s",
+            "+p50 ms",
+            "pingora",
+            "pingora",
+            "CPU us",
+            "CPU us",
+            "CPU us",
+            "pingora",
+            "pingora"
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>10}",
+            "", "", "", "(rate)", "(rate)", "", "", "", "(CPU)", "(CPU)"
+        );
+        for (s, scenario) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let (dm, pm, am, nm) = (
+                &summaries[s][d],
+                &summaries[s][p],
+                &summaries[s][a],
+                &summaries[s][n],
+            );
+            let _ = writeln!(
+                out,
+                "{:<20} {:>10.0} {:>10.3} {:>10.2} {:>10.2} {:>10.1} {:>10.1} {:>10.1} {:>11.2} {:>10.2}",
+                scenario.name,
+                pm.rate,
+                pm.p50 - dm.p50,
+                am.rate / pm.rate,
+                nm.rate / pm.rate,
+                pm.proxy_us,
+                am.proxy_us,
+                nm.proxy_us,
+                am.proxy_us / pm.proxy_us,
+                nm.proxy_us / pm.proxy_us
+            );
+        }
     }
 
     if let Some(b) = find_target("arknet base") {
@@ -1946,6 +2098,22 @@ fn render_report(
             .collect::<Vec<_>>()
             .join("; ")
     );
+    if let Some(p) = floor {
+        for (s, sc) in SCENARIOS.iter().enumerate().filter(|(s, _)| measured(*s)) {
+            let (pm, am, nm) = (&summaries[s][p], &summaries[s][a], &summaries[s][n]);
+            let _ = writeln!(
+                out,
+                "{}: arknet CPU/req vs bare pingora: x{:.2}, nginx vs bare pingora: x{:.2} \
+                 (arknet {:.1}, pingora {:.1}, nginx {:.1} us)",
+                sc.name,
+                am.proxy_us / pm.proxy_us,
+                nm.proxy_us / pm.proxy_us,
+                am.proxy_us,
+                pm.proxy_us,
+                nm.proxy_us
+            );
+        }
+    }
     let done: u64 = summaries.iter().flatten().map(|m| m.done).sum();
     let errors: u64 = summaries.iter().flatten().map(|m| m.errors).sum();
     let _ = writeln!(out, "requests/streams measured: {done}, errors: {errors}");
@@ -1953,6 +2121,12 @@ fn render_report(
         let _ = writeln!(
             out,
             "wrk scenarios left out: {WRK} is missing (scripts/deps.sh bench installs it)"
+        );
+    }
+    if settings.pingora.is_none() {
+        let _ = writeln!(
+            out,
+            "pingora target left out: build it with `cargo build --release --example pingora_floor`"
         );
     }
     out
