@@ -12,6 +12,9 @@
 
 #[path = "../tests/support/fake_backend.rs"]
 mod fake_backend;
+#[path = "../tests/support/procstat.rs"]
+#[allow(dead_code)] // the bench reads /proc its own way, per thread; it shares the tick unit
+mod procstat;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -251,7 +254,7 @@ fn main() {
     // phase holds two sockets per stream in each proxy (client end, backend end), one in this
     // process (the backend end) and one in a worker (the client end).
     let nofile = raise_nofile(2 * settings.slow_streams as u64 + 4096);
-    let clk_tck = clock_ticks_per_second();
+    let clk_tck = procstat::clock_ticks_per_second();
     let ip = bench_ip();
 
     let backend = FakeBackend::start_in_thread(
@@ -852,19 +855,6 @@ fn request_bytes(kind: Kind, model: &str) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // CPU accounting from /proc
 // ---------------------------------------------------------------------------------------------
-
-/// `getconf CLK_TCK` (the crate has no libc binding to call sysconf); 100 if that fails, which
-/// is the value on every mainstream Linux.
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
 
 /// (comm, utime + stime in ticks) of a `/proc/.../stat` file.
 fn stat_ticks(path: &Path) -> Option<(String, u64)> {

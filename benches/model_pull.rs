@@ -9,6 +9,8 @@
 //! default 512), `ARKNET_PULL_BENCH_ROUNDS` (default 3). Loopback only; every child process is
 //! ended by its own PID.
 
+#[path = "../tests/support/blobs.rs"]
+mod blobs;
 #[path = "../tests/support/fake_backend.rs"]
 mod fake_backend;
 
@@ -72,43 +74,6 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "not within 30 s: {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn random_file(path: &Path, size: u64) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for w in buf.chunks_exact_mut(8) {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            w.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).expect("write");
-        left -= n as u64;
-    }
-    f.flush().expect("flush");
-}
-
-fn sha256_hex(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).expect("open");
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).expect("read");
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 struct Node {
@@ -243,8 +208,8 @@ fn main() {
     let models = root.join("models");
     std::fs::create_dir_all(models.join("blobs")).expect("mkdir");
     let tmp = models.join("blobs/tmp");
-    random_file(&tmp, size_mb * 1_000_000);
-    let hex = sha256_hex(&tmp);
+    blobs::random_file(&tmp, size_mb * 1_000_000, 0x9e37_79b9_7f4a_7c15);
+    let hex = blobs::sha256_hex(&tmp);
     let blob_name = format!("sha256-{hex}");
     std::fs::rename(&tmp, models.join("blobs").join(&blob_name)).expect("rename");
     let manifest = serde_json::json!({"schemaVersion": 2, "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{hex}"), "size": size_mb * 1_000_000}]});

@@ -10,6 +10,10 @@
 //! record count, `ARKNET_BENCH_DATABASE=postgres://...` runs on PostgreSQL instead of a SQLite
 //! file in a temp dir. Prints medians, p99 and rates (on stderr).
 
+#[path = "../tests/support/procstat.rs"]
+#[allow(dead_code)] // the bench needs only the CPU time
+mod procstat;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,21 +58,6 @@ fn record(n: u64, s: &Signer, seq: u64, t: u64) -> SignedRecord {
         expires: if seq == 1 { t + 7 * 86_400 } else { t + 3000 },
     }
     .sign(s)
-}
-
-/// CPU time (user + system) process `pid` has used, from `/proc/<pid>/stat`.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // utime and stime are the 12th and 13th fields after the `(comm)`, which may hold spaces.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: u64 = after
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|f| f.parse::<u64>().ok())
-        .sum();
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -341,7 +330,10 @@ async fn http_lookups(reg: &Registry) {
 
 async fn http_heartbeats(reg: &Registry, count: u64) {
     let lanes = presign(count, PER_WRITER).await;
-    let (server_cpu, client_cpu) = (cpu_of(reg.child.id()), cpu_of(std::process::id()));
+    let (server_cpu, client_cpu) = (
+        procstat::cpu_time(reg.child.id()),
+        procstat::cpu_time(std::process::id()),
+    );
     let started = Instant::now();
     let deadline = started + Duration::from_secs(HEARTBEAT_SECS);
     let mut tasks = tokio::task::JoinSet::new();
@@ -373,8 +365,8 @@ async fn http_heartbeats(reg: &Registry, count: u64) {
          ({WRITERS} keep-alive clients on the same 2 cores, answers' signatures verified); \
          CPU per heartbeat: registry {:.0} us, clients {:.0} us",
         total as f64 / secs,
-        per(cpu_of(reg.child.id()) - server_cpu),
-        per(cpu_of(std::process::id()) - client_cpu),
+        per(procstat::cpu_time(reg.child.id()) - server_cpu),
+        per(procstat::cpu_time(std::process::id()) - client_cpu),
     );
 }
 
@@ -417,14 +409,14 @@ async fn wrk_heartbeats(reg: &Registry, count: u64) {
         ),
     )
     .expect("script");
-    let server_cpu = cpu_of(reg.child.id());
+    let server_cpu = procstat::cpu_time(reg.child.id());
     let out = std::process::Command::new(WRK)
         .args(["-t2", "-c16", &format!("-d{HEARTBEAT_SECS}s"), "-s"])
         .arg(&script)
         .arg(&reg.url)
         .output()
         .expect("run wrk");
-    let server_cpu = cpu_of(reg.child.id()) - server_cpu;
+    let server_cpu = procstat::cpu_time(reg.child.id()) - server_cpu;
     let report = String::from_utf8_lossy(&out.stdout);
     let number_after = |label: &str| -> Option<f64> {
         let line = report.lines().find(|l| l.contains(label))?;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod avahi;
+pub mod blobs;
 pub mod fake_backend;
 pub mod grid;
 pub mod http;
@@ -11,5 +12,6 @@ pub mod netns;
 pub mod nginx;
 pub mod postgres;
 pub mod process;
+pub mod procstat;
 pub mod python;
 pub mod registry;

@@ -269,29 +269,8 @@ impl NsProc {
 
     /// CPU time (user + system) the process has used so far, from `/proc/<pid>/stat`.
     pub fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the `(comm)`, which may itself hold spaces: utime and stime are the
-        // 14th and 15th fields of the line, the 12th and 13th after the comm.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ticks: u64 = after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse::<u64>().ok())
-            .sum();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+        super::procstat::cpu_time(self.child.id())
     }
-}
-
-/// `sysconf(_SC_CLK_TCK)`, the unit of `/proc/<pid>/stat` CPU times (100 on Linux).
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 impl Drop for NsProc {
