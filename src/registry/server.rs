@@ -58,7 +58,35 @@ pub fn unix_now() -> u64 {
 pub struct RateLimiter {
     per_key: u32,
     per_addr: u32,
-    windows: Mutex<HashMap<String, (u64, u32)>>,
+    windows: Mutex<Windows>,
+}
+
+/// (minute, writes in it) per source address and per key. Two maps rather than one keyed by a
+/// formatted string: a heartbeat looks its key up twice (room, then count) without allocating.
+#[derive(Default)]
+struct Windows {
+    addrs: HashMap<IpAddr, (u64, u32)>,
+    keys: HashMap<String, (u64, u32)>,
+}
+
+impl Windows {
+    /// Old windows go in one sweep when a map grows: memory stays bounded by the writers of the
+    /// current minute.
+    fn sweep(&mut self, minute: u64) {
+        if self.addrs.len() + self.keys.len() > 100_000 {
+            self.addrs.retain(|_, (m, _)| *m == minute);
+            self.keys.retain(|_, (m, _)| *m == minute);
+        }
+    }
+}
+
+/// Counts one write in `slot` for `minute`; false when that makes it over `limit`.
+fn count(slot: &mut (u64, u32), minute: u64, limit: u32) -> bool {
+    if slot.0 != minute {
+        *slot = (minute, 0);
+    }
+    slot.1 += 1;
+    slot.1 <= limit
 }
 
 impl RateLimiter {
@@ -71,33 +99,38 @@ impl RateLimiter {
         }
     }
 
-    fn hit(&self, what: String, limit: u32, now: u64) -> bool {
-        if limit == 0 {
-            return true;
-        }
-        let minute = now / 60;
-        let mut w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        // Old windows go in one sweep when the map grows: memory stays bounded by the writers
-        // of the current minute.
-        if w.len() > 100_000 {
-            w.retain(|_, (m, _)| *m == minute);
-        }
-        let slot = w.entry(what).or_insert((minute, 0));
-        if slot.0 != minute {
-            *slot = (minute, 0);
-        }
-        slot.1 += 1;
-        slot.1 <= limit
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts a write from `ip`; false when over the limit.
     pub fn hit_addr(&self, ip: IpAddr, now: u64) -> bool {
-        self.hit(format!("a:{ip}"), self.per_addr, now)
+        if self.per_addr == 0 {
+            return true;
+        }
+        let minute = now / 60;
+        let mut w = self.lock();
+        w.sweep(minute);
+        count(
+            w.addrs.entry(ip).or_insert((minute, 0)),
+            minute,
+            self.per_addr,
+        )
     }
 
     /// Counts a verified write by `key`; false when over the limit.
     pub fn hit_key(&self, key: &str, now: u64) -> bool {
-        self.hit(format!("k:{key}"), self.per_key, now)
+        if self.per_key == 0 {
+            return true;
+        }
+        let minute = now / 60;
+        let mut w = self.lock();
+        w.sweep(minute);
+        if let Some(slot) = w.keys.get_mut(key) {
+            return count(slot, minute, self.per_key);
+        }
+        let slot = w.keys.entry(key.to_owned()).or_insert((minute, 0));
+        count(slot, minute, self.per_key)
     }
 
     /// Whether `key` may write once more this minute, without counting.
@@ -105,8 +138,9 @@ impl RateLimiter {
         if self.per_key == 0 {
             return true;
         }
-        let w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        w.get(&format!("k:{key}"))
+        self.lock()
+            .keys
+            .get(key)
             .is_none_or(|(minute, n)| *minute != now / 60 || *n < self.per_key)
     }
 }
@@ -693,3 +727,31 @@ impl Handler for RegistryHandler {
 
 /// How long the registry's own hello to a node may take.
 pub const REACH_TIMEOUT: Duration = crate::mesh::client::HELLO_TIMEOUT;
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    #[test]
+    fn limits_count_per_key_and_per_address_in_minute_windows() {
+        let l = RateLimiter::new(2, 3);
+        let now = 600;
+        assert!(l.key_has_room("k1", now));
+        assert!(l.hit_key("k1", now) && l.hit_key("k1", now + 1));
+        // Room is checked without counting: asking twice changes nothing.
+        assert!(!l.key_has_room("k1", now) && !l.key_has_room("k1", now));
+        assert!(!l.hit_key("k1", now + 2), "third write of the minute");
+        assert!(l.hit_key("k2", now), "another key has its own window");
+        assert!(
+            l.key_has_room("k1", now + 60) && l.hit_key("k1", now + 60),
+            "next minute"
+        );
+        let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        assert!((0..3).all(|_| l.hit_addr(ip, now)));
+        assert!(!l.hit_addr(ip, now), "fourth write from the address");
+        assert!(l.hit_addr(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), now));
+        let unlimited = RateLimiter::new(0, 0);
+        assert!((0..1000).all(|_| unlimited.hit_key("k", now) && unlimited.hit_addr(ip, now)));
+    }
+}
