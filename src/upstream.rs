@@ -39,6 +39,14 @@ const POOL_SIZE: usize = 256;
 /// it rather than copied.
 const COALESCE_MAX: usize = 64 * 1024;
 
+/// A buffer for a request head of about `head_len` bytes, with room for the body when
+/// [`Upstream::send_wire`] sends it in the same write (appending it then does not reallocate;
+/// a larger body is written on its own and gets no room).
+pub fn wire_buffer(head_len: usize, body_len: usize) -> BytesMut {
+    let body_room = if body_len > COALESCE_MAX { 0 } else { body_len };
+    BytesMut::with_capacity(head_len + body_room)
+}
+
 /// Why a request got no response header.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

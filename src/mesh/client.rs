@@ -133,9 +133,8 @@ impl MeshClient {
         if path.is_empty() || !path.bytes().all(|b| b.is_ascii_graphic()) {
             return None;
         }
-        let mut w = bytes::BytesMut::with_capacity(
-            64 + path.len() + self.request_lines.len() + body_len.min(64 * 1024),
-        );
+        let mut w =
+            crate::upstream::wire_buffer(64 + path.len() + self.request_lines.len(), body_len);
         w.extend_from_slice(b"POST ");
         w.extend_from_slice(path.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");

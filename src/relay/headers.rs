@@ -44,7 +44,7 @@ pub(crate) fn upstream_request(
     let internal = |what: &str| ApiError::internal(format!("cannot forward: {what}"));
     let base = backend.config.url.base_path.as_bytes();
     let query = client.uri.query();
-    let mut w = BytesMut::with_capacity(512 + body_len.min(COALESCE_HINT));
+    let mut w = crate::upstream::wire_buffer(512, body_len);
     w.extend_from_slice(client.method.as_str().as_bytes());
     w.extend_from_slice(b" ");
     let target_start = w.len();
@@ -102,9 +102,6 @@ pub(crate) fn upstream_request(
     w.extend_from_slice(b"\r\n");
     Ok(w)
 }
-
-/// Room reserved after the header for a body sent in the same write (see `upstream.rs`).
-const COALESCE_HINT: usize = 64 * 1024;
 
 /// Whether `v` may be a header value as `http::HeaderValue` accepts it: visible ASCII, space,
 /// tab and obs-text; no CR, LF, NUL or DEL.
