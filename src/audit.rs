@@ -195,7 +195,9 @@ impl AuditLog {
                 buffer.recent.pop_front();
             }
             buffer.recent.push_back(record);
-            buffer.pending.len() >= FLUSH_AT
+            // The writer sleeps while nothing waits: the first line of a batch wakes it (to
+            // start the batch's clock), and so does a full batch.
+            start == 0 || buffer.pending.len() >= FLUSH_AT
         };
         if wake {
             self.shared.wake.notify_one();
@@ -228,12 +230,16 @@ impl Shared {
         self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The writer thread: a batch every [`FLUSH_EVERY`] (or as soon as [`FLUSH_AT`] bytes
-    /// wait), until the log is closed.
+    /// The writer thread: asleep while nothing is buffered (an idle node does not wake it),
+    /// then a batch at most [`FLUSH_EVERY`] after its first line (or as soon as [`FLUSH_AT`]
+    /// bytes wait), until the log is closed.
     fn run(&self) {
         loop {
             let closed = {
-                let buffer = self.lock_buffer();
+                let buffer = self
+                    .wake
+                    .wait_while(self.lock_buffer(), |b| !b.closed && b.pending.is_empty())
+                    .unwrap_or_else(PoisonError::into_inner);
                 let (buffer, _) = self
                     .wake
                     .wait_timeout_while(buffer, FLUSH_EVERY, |b| {

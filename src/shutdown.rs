@@ -67,15 +67,14 @@ fn drained(in_flight: usize, requests_over: bool, background_done: &[Arc<AtomicB
 /// Pingora when its grace period ([`pingora_grace`]) runs out first.
 ///
 /// `before_exit` (writing out the buffered audit lines) runs right before this thread ends the
-/// process; when Pingora ends it instead, it runs every [`DRAIN_POLL`] from the end of the grace
-/// period until the process is gone, so that only a request finishing in that last moment
-/// could lose its line.
+/// process. When the grace period runs out first, Pingora's `run` returns and the node writes
+/// them out itself before it exits (see `Node::run`).
 pub fn exit_when_drained(
     mut phases: broadcast::Receiver<ExecutionPhase>,
     in_flight: Arc<InFlight>,
     background_done: Vec<Arc<AtomicBool>>,
     request_grace: Duration,
-    before_exit: impl Fn() + Send + 'static,
+    before_exit: impl FnOnce() + Send + 'static,
 ) {
     let has_goodbyes = background_done.iter().any(|d| !d.load(Ordering::SeqCst));
     let grace = pingora_grace(request_grace, has_goodbyes);
@@ -102,13 +101,8 @@ pub fn exit_when_drained(
                     std::process::exit(0);
                 }
                 if now >= deadline {
-                    break;
+                    return;
                 }
-                std::thread::sleep(DRAIN_POLL);
-            }
-            // Pingora ends the process now, at a moment this thread does not know.
-            loop {
-                before_exit();
                 std::thread::sleep(DRAIN_POLL);
             }
         });
