@@ -10,11 +10,12 @@
 //! Everything listens on 127.0.0.0/8 only, every child process is ended by its own PID (also
 //! when the bench panics), and the whole run is bounded (about 2.5 minutes by default).
 
+#[path = "../tests/support/child.rs"]
+#[allow(dead_code)]
+// the bench reads /proc its own way, per thread; it shares the tick unit and the spawn
+mod child;
 #[path = "../tests/support/fake_backend.rs"]
 mod fake_backend;
-#[path = "../tests/support/procstat.rs"]
-#[allow(dead_code)] // the bench reads /proc its own way, per thread; it shares the tick unit
-mod procstat;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -254,7 +255,7 @@ fn main() {
     // phase holds two sockets per stream in each proxy (client end, backend end), one in this
     // process (the backend end) and one in a worker (the client end).
     let nofile = raise_nofile(2 * settings.slow_streams as u64 + 4096);
-    let clk_tck = procstat::clock_ticks_per_second();
+    let clk_tck = child::clock_ticks_per_second();
     let ip = bench_ip();
 
     let backend = FakeBackend::start_in_thread(
@@ -604,12 +605,7 @@ fn spawn_logged(
     dir: tempfile::TempDir,
 ) -> Proc {
     let log = dir.path().join("log.txt");
-    let out = std::fs::File::create(&log).expect("child log file");
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("child log fd"))
-        .stderr(out)
-        .spawn()
+    let child = child::spawn_into_log(&mut command, &log, false)
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     Proc {
         name,

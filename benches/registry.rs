@@ -10,9 +10,9 @@
 //! record count, `ARKNET_BENCH_DATABASE=postgres://...` runs on PostgreSQL instead of a SQLite
 //! file in a temp dir. Prints medians, p99 and rates (on stderr).
 
-#[path = "../tests/support/procstat.rs"]
+#[path = "../tests/support/child.rs"]
 #[allow(dead_code)] // the bench needs only the CPU time
-mod procstat;
+mod child;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -331,8 +331,8 @@ async fn http_lookups(reg: &Registry) {
 async fn http_heartbeats(reg: &Registry, count: u64) {
     let lanes = presign(count, PER_WRITER).await;
     let (server_cpu, client_cpu) = (
-        procstat::cpu_time(reg.child.id()),
-        procstat::cpu_time(std::process::id()),
+        child::cpu_time(reg.child.id()),
+        child::cpu_time(std::process::id()),
     );
     let started = Instant::now();
     let deadline = started + Duration::from_secs(HEARTBEAT_SECS);
@@ -365,8 +365,8 @@ async fn http_heartbeats(reg: &Registry, count: u64) {
          ({WRITERS} keep-alive clients on the same 2 cores, answers' signatures verified); \
          CPU per heartbeat: registry {:.0} us, clients {:.0} us",
         total as f64 / secs,
-        per(procstat::cpu_time(reg.child.id()) - server_cpu),
-        per(procstat::cpu_time(std::process::id()) - client_cpu),
+        per(child::cpu_time(reg.child.id()) - server_cpu),
+        per(child::cpu_time(std::process::id()) - client_cpu),
     );
 }
 
@@ -409,14 +409,14 @@ async fn wrk_heartbeats(reg: &Registry, count: u64) {
         ),
     )
     .expect("script");
-    let server_cpu = procstat::cpu_time(reg.child.id());
+    let server_cpu = child::cpu_time(reg.child.id());
     let out = std::process::Command::new(WRK)
         .args(["-t2", "-c16", &format!("-d{HEARTBEAT_SECS}s"), "-s"])
         .arg(&script)
         .arg(&reg.url)
         .output()
         .expect("run wrk");
-    let server_cpu = procstat::cpu_time(reg.child.id()) - server_cpu;
+    let server_cpu = child::cpu_time(reg.child.id()) - server_cpu;
     let report = String::from_utf8_lossy(&out.stdout);
     let number_after = |label: &str| -> Option<f64> {
         let line = report.lines().find(|l| l.contains(label))?;

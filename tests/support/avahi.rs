@@ -3,7 +3,7 @@
 //! the bus lives at a private socket, avahi's runtime dir is a private bind mount.
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use super::netns::{Host, NsProc, LAN_IF};
@@ -89,13 +89,8 @@ impl Avahi {
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
             .env("DBUS_SYSTEM_BUS_ADDRESS", &bus);
         let log = d.join("avahi.log");
-        let file = std::fs::File::create(&log).expect("log");
-        let child = daemon_cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("fd"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn avahi-daemon");
+        let child =
+            super::child::spawn_into_log(&mut daemon_cmd, &log, false).expect("spawn avahi-daemon");
         let daemon = NsProc { child, log };
         let avahi = Avahi {
             _dbus: dbus,
@@ -159,16 +154,10 @@ impl Avahi {
     /// Publishes a `_arknet._tcp` record until the returned process is dropped.
     pub fn publish(&self, host: &Host, name: &str, port: u16, txt: &[String]) -> NsProc {
         let log: PathBuf = self.dir.path().join(format!("publish-{name}.log"));
-        let file = std::fs::File::create(&log).expect("log");
         let port = port.to_string();
         let mut c = self.command(host, "avahi-publish");
         c.args(["-s", name, "_arknet._tcp", &port]).args(txt);
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("fd"))
-            .stderr(file)
-            .spawn()
-            .expect("avahi-publish");
+        let child = super::child::spawn_into_log(&mut c, &log, false).expect("avahi-publish");
         NsProc { child, log }
     }
 }

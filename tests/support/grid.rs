@@ -4,7 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,20 +16,12 @@ pub const ARKNET: &str = env!("CARGO_BIN_EXE_arknet");
 /// Starts `arknet <subcommand...> --config CONFIG` with its stdout and stderr appended to
 /// `log` (info level), stdin closed.
 pub fn spawn_logged(subcommand: &[&str], config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    Command::new(ARKNET)
-        .args(subcommand)
+    let mut cmd = Command::new(ARKNET);
+    cmd.args(subcommand)
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log fd"))
-        .stderr(log)
-        .spawn()
+        .env("RUST_LOG", "info");
+    super::child::spawn_into_log(&mut cmd, log, true)
         .unwrap_or_else(|e| panic!("spawn arknet {subcommand:?}: {e}"))
 }
 

@@ -4,6 +4,7 @@
 
 pub mod avahi;
 pub mod blobs;
+pub mod child;
 pub mod fake_backend;
 pub mod grid;
 pub mod http;
@@ -12,6 +13,5 @@ pub mod netns;
 pub mod nginx;
 pub mod postgres;
 pub mod process;
-pub mod procstat;
 pub mod python;
 pub mod registry;

@@ -234,16 +234,10 @@ pub struct NsProc {
 
 impl NsProc {
     pub fn spawn(host: &Host, program: &Path, args: &[&str], log: PathBuf) -> NsProc {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = host
-            .command(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("fd"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn in namespace");
+        let mut cmd = host.command(program);
+        cmd.args(args).env("RUST_LOG", "info");
+        let child =
+            super::child::spawn_into_log(&mut cmd, &log, false).expect("spawn in namespace");
         NsProc { child, log }
     }
 
@@ -269,7 +263,7 @@ impl NsProc {
 
     /// CPU time (user + system) the process has used so far, from `/proc/<pid>/stat`.
     pub fn cpu_time(&self) -> Duration {
-        super::procstat::cpu_time(self.child.id())
+        super::child::cpu_time(self.child.id())
     }
 }
 

@@ -79,19 +79,16 @@ impl Postgres {
         let ip = Ipv4Addr::LOCALHOST;
         let port = free_port(ip);
         let log = dir.path().join("postgres.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = as_nobody(&bin.join("postgres"))
+        let mut postgres = as_nobody(&bin.join("postgres"));
+        postgres
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", home.display()))
-            .args(["-c", "max_connections=100"])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log fd"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn postgres");
+            .args(["-c", "max_connections=100"]);
+        let child =
+            super::child::spawn_into_log(&mut postgres, &log, false).expect("spawn postgres");
         let mut pg = Postgres {
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable"),
             port,

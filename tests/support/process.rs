@@ -87,12 +87,7 @@ impl Daemon {
         addr: std::net::SocketAddr,
         log: std::path::PathBuf,
     ) -> Daemon {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log fd"))
-            .stderr(file)
-            .spawn()
+        let child = super::child::spawn_into_log(&mut cmd, &log, false)
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Daemon {
             name,

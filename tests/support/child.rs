@@ -1,6 +1,8 @@
-//! CPU time of a process from `/proc/<pid>/stat`, for the tests and benches that report it.
+//! Child processes of the tests and benches: started with their output in a log file, and
+//! their CPU time read from `/proc/<pid>/stat`.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -31,4 +33,19 @@ pub fn clock_ticks_per_second() -> f64 {
             .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// Starts `cmd` with stdin closed and stdout and stderr into `log` (created, or appended to
+/// when `append`): every long-running child of the tests and benches starts this way.
+pub fn spawn_into_log(cmd: &mut Command, log: &Path, append: bool) -> std::io::Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
 }
