@@ -190,11 +190,6 @@ fn node_with_backend(models: &[&str], extra_toml: &str) -> (FakeBackend, NodePro
     (backend, node)
 }
 
-fn chat(model: &str) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": false})
-        .to_string()
-}
-
 /// The sighting of `key` on `node`, once it matches `ready`.
 fn wait_for_sighting(
     node: &NodeProc,
@@ -237,13 +232,7 @@ fn owner_approves_edits_and_revokes_a_peer_through_the_page() {
     let as_b = As::node(&b);
 
     // A stranger is refused, before any backend is touched, and listed as pending.
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("llama3.1:8b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "llama3.1:8b");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("peer_not_approved"), "{body}");
     let sighting = wait_for_sighting(&a, &b_key, "B pending on A with its node id", |s| {
@@ -280,22 +269,10 @@ fn owner_approves_edits_and_revokes_a_peer_through_the_page() {
     );
 
     // What the page granted is what the mesh enforces.
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("llama3.1:8b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "llama3.1:8b");
     assert_eq!(status, 200, "{body}");
     assert_eq!(backend_a.hits(), 1);
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("qwen3.5:35b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "qwen3.5:35b");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("not shared with you"), "{body}");
     assert_eq!(backend_a.hits(), 1);
@@ -330,13 +307,7 @@ fn owner_approves_edits_and_revokes_a_peer_through_the_page() {
         &[&a, &b],
     );
     assert!(approval_of(&a, &b_id).is_none(), "B revoked on A");
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("llama3.1:8b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "llama3.1:8b");
     assert_eq!(status, 403, "{body}");
     assert_eq!(
         backend_a.hits(),

@@ -17,24 +17,13 @@ fn node_with_backend(models: &[&str]) -> (FakeBackend, NodeProc) {
     (backend, node)
 }
 
-fn chat(model: &str) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": false})
-        .to_string()
-}
-
 #[test]
 fn approved_peer_runs_shared_models_and_nothing_else() {
     let (backend_a, a) = node_with_backend(&["llama3.1:8b", "qwen3.5:35b"]);
     let (_backend_b, b) = node_with_backend(&["mistral"]);
     let as_b = As::node(&b);
 
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("llama3.1:8b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "llama3.1:8b");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("peer_not_approved"), "{body}");
     assert_eventually(Duration::from_secs(5), "b listed as pending on a", || {
@@ -48,23 +37,11 @@ fn approved_peer_runs_shared_models_and_nothing_else() {
     assert_eq!(backend_a.hits(), 0);
 
     a.approve(&b, &["llama3.1:8b"], 2);
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("llama3.1:8b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "llama3.1:8b");
     assert_eq!(status, 200, "{body}");
     assert_eq!(backend_a.hits(), 1);
 
-    let (status, body) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("qwen3.5:35b")),
-    );
+    let (status, body) = mesh::chat(a.mesh, as_b.as_ref(), "qwen3.5:35b");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("not shared with you"), "{body}");
 
@@ -91,13 +68,7 @@ fn approved_peer_runs_shared_models_and_nothing_else() {
     assert_eq!(hello["models"][0]["free_slots"], 2);
 
     a.revoke(&b);
-    let (status, _) = mesh::call(
-        a.mesh,
-        as_b.as_ref(),
-        "POST",
-        "/api/chat",
-        Some(&chat("llama3.1:8b")),
-    );
+    let (status, _) = mesh::chat(a.mesh, as_b.as_ref(), "llama3.1:8b");
     assert_eq!(status, 403);
     assert_eq!(
         backend_a.hits(),

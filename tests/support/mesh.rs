@@ -30,6 +30,15 @@ impl As {
     }
 }
 
+/// An Ollama-dialect chat for `model`, not streamed, sent to the mesh listener `mesh` as `who`:
+/// the request every permission test makes.
+pub fn chat(mesh: SocketAddr, who: Option<&As>, model: &str) -> (u16, String) {
+    let body = serde_json::json!({
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "stream": false
+    });
+    call(mesh, who, "POST", "/api/chat", Some(&body.to_string()))
+}
+
 /// One request; returns (status, body). Status 0 means curl got no HTTP answer (TLS refused).
 pub fn call(
     mesh: SocketAddr,
