@@ -172,14 +172,25 @@ fn generation_options(req: &Map<String, Value>, out: &mut Map<String, Value>) {
     }
 }
 
+/// Largest non-streamed OpenAI answer translated whole (an embedding of a large batch is tens of
+/// MiB; a chat answer is kilobytes). A larger one is answered with an error.
+const MAX_WHOLE: usize = 64 * 1024 * 1024;
+
+/// Longest event line kept while its end has not arrived.
+const MAX_LINE: usize = 1024 * 1024;
+
 /// Turns an OpenAI answer (SSE or JSON) into Ollama's (NDJSON or JSON) as it streams.
 #[derive(Debug)]
 pub struct ResponseTranslator {
     kind: Kind,
     model: String,
     stream: bool,
+    /// The start of an event line whose end has not arrived yet.
     pending: Vec<u8>,
+    /// A non-streamed answer, gathered to be reshaped at the end.
     whole: Vec<u8>,
+    /// The non-streamed answer outgrew [`MAX_WHOLE`] and was dropped.
+    oversized: bool,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     finish_reason: Option<String>,
@@ -194,6 +205,7 @@ impl ResponseTranslator {
             stream,
             pending: Vec::new(),
             whole: Vec::new(),
+            oversized: false,
             prompt_tokens: None,
             completion_tokens: None,
             finish_reason: None,
@@ -225,14 +237,39 @@ impl ResponseTranslator {
     /// Translates the next piece of the OpenAI answer; may return nothing until a line is whole.
     pub fn chunk(&mut self, data: &[u8]) -> Bytes {
         if !self.streams() {
-            self.whole.extend_from_slice(data);
+            // The answer arrives from a backend or a peer: what it may make us hold is bounded.
+            if self.whole.len() + data.len() > MAX_WHOLE {
+                self.oversized = true;
+                self.whole = Vec::new();
+            }
+            if !self.oversized {
+                self.whole.extend_from_slice(data);
+            }
             return Bytes::new();
         }
-        self.pending.extend_from_slice(data);
         let mut out = Vec::new();
-        while let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=nl).collect();
-            self.sse_line(&line, &mut out);
+        // Lines are read where they lie in the chunk (a chunk of many short lines costs one
+        // pass, not a shift of the rest per line); only a line split across chunks is put
+        // together in `pending`.
+        let mut rest = data;
+        if !self.pending.is_empty() {
+            if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                let mut line = std::mem::take(&mut self.pending);
+                line.extend_from_slice(&rest[..=nl]);
+                self.sse_line(&line, &mut out);
+                line.clear();
+                self.pending = line;
+                rest = &rest[nl + 1..];
+            }
+        }
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            self.sse_line(&rest[..=nl], &mut out);
+            rest = &rest[nl + 1..];
+        }
+        self.pending.extend_from_slice(rest);
+        if self.pending.len() > MAX_LINE {
+            // No OpenAI event is this long; whatever it is, it is not kept.
+            self.pending = Vec::new();
         }
         Bytes::from(out)
     }
@@ -240,6 +277,13 @@ impl ResponseTranslator {
     /// The rest of the answer once the OpenAI body has ended.
     pub fn finish(&mut self) -> Bytes {
         if !self.streams() {
+            if self.oversized {
+                let message = format!(
+                    "the answer was larger than {} MiB, more than the gateway translates",
+                    MAX_WHOLE >> 20
+                );
+                return Bytes::from(json!({ "error": message }).to_string());
+            }
             let body: Value = serde_json::from_slice(&self.whole).unwrap_or(Value::Null);
             return Bytes::from(self.whole_answer(&body).to_string());
         }
@@ -446,5 +490,81 @@ mod tests {
             t.chunk(b"data: {\"error\":{\"message\":\"peer died\",\"type\":\"api_error\"}}\n\n");
         assert_eq!(lines(&out), vec![json!({"error": "peer died"})]);
         assert!(!translatable("/api/show"));
+    }
+
+    fn contents(out: &[u8]) -> Vec<(String, bool)> {
+        lines(out)
+            .iter()
+            .map(|l| {
+                (
+                    l["message"]["content"].as_str().unwrap_or("").to_string(),
+                    l["done"] == true,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_translates_the_same_however_it_is_cut() {
+        let mut sse = Vec::new();
+        for i in 0..40 {
+            sse.extend_from_slice(
+                format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{i} \"}}}}]}}\n\n")
+                    .as_bytes(),
+            );
+        }
+        sse.extend_from_slice(b"\n\n\n: comment\ndata: [DONE]\n\n");
+        let translate = |cut: usize| {
+            let mut t = ollama_to_openai("/api/chat", br#"{"model":"m","messages":[]}"#)
+                .expect("ok")
+                .response;
+            let mut out = Vec::new();
+            for piece in sse.chunks(cut) {
+                out.extend_from_slice(&t.chunk(piece));
+            }
+            out.extend_from_slice(&t.finish());
+            contents(&out)
+        };
+        let whole = translate(sse.len());
+        assert_eq!(whole.len(), 41, "{whole:?}");
+        assert_eq!(whole[7], ("w7 ".to_string(), false));
+        assert_eq!(whole[40], (String::new(), true));
+        for cut in [1, 2, 3, 5, 7, 13, 64, 100, 1000] {
+            assert_eq!(translate(cut), whole, "cut every {cut} bytes");
+        }
+    }
+
+    #[test]
+    fn what_an_upstream_can_make_the_translator_hold_is_bounded() {
+        // A stream that never ends its line: the partial line is dropped past the limit, and
+        // the stream goes on translating once lines come again.
+        let mut t = ollama_to_openai("/api/chat", br#"{"model":"m","messages":[]}"#)
+            .expect("ok")
+            .response;
+        let junk = vec![b'x'; 64 * 1024];
+        for _ in 0..(2 * MAX_LINE / junk.len() + 1) {
+            assert!(t.chunk(&junk).is_empty());
+            assert!(t.pending.len() <= MAX_LINE, "{}", t.pending.len());
+        }
+        let out = t.chunk(b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n");
+        assert_eq!(contents(&out), vec![("ok".to_string(), false)]);
+
+        // A non-streamed answer beyond the limit: nothing more is kept, and the client gets
+        // an error in Ollama's shape instead of a truncated reshaping.
+        let mut t = ollama_to_openai("/api/embed", br#"{"model":"m","input":["a"]}"#)
+            .expect("ok")
+            .response;
+        let piece = vec![b' '; 1024 * 1024];
+        for _ in 0..(MAX_WHOLE / piece.len() + 2) {
+            assert!(t.chunk(&piece).is_empty());
+            assert!(t.whole.len() <= MAX_WHOLE);
+        }
+        let v: Value = serde_json::from_slice(&t.finish()).expect("json");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("larger than 64 MiB")),
+            "{v}"
+        );
     }
 }
