@@ -529,12 +529,8 @@ impl Config {
                 "must start with '/' and not end with '/' (or be empty)".to_string(),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(file.log_level.get_ref()) {
-            return Err(invalid(
-                "log_level",
-                Some(file.log_level.span()),
-                e.to_string(),
-            ));
+        if let Err(e) = check_log_level(file.log_level.get_ref()) {
+            return Err(invalid("log_level", Some(file.log_level.span()), e));
         }
         let file_backends = file.backends.unwrap_or_else(|| {
             vec![FileBackend {
@@ -766,6 +762,27 @@ pub(crate) fn read_config(path: &Path) -> Result<String, ConfigError> {
 /// `text` (read from `path`, which labels errors) deserialized as `T`. serde_path_to_error
 /// names the key being read when an error strikes; toml gives the span (and so the line). A
 /// syntax error has no key yet: the table above names it.
+/// Checks a config's `log_level`: comma-separated `level` and `target=level` directives, as
+/// `RUST_LOG` takes them, but no span or field filters (`target[span{field=value}]=level`).
+/// Those compile each field value into a regular expression, and a line of them can take
+/// minutes to compile (found by fuzzing), hanging `serve` and `--check` before a word is said.
+pub(crate) fn check_log_level(level: &str) -> Result<(), String> {
+    const MAX: usize = 1024;
+    if level.len() > MAX {
+        return Err(format!("{} bytes long, at most {MAX}", level.len()));
+    }
+    if level.contains(['[', ']', '{', '}']) {
+        return Err(format!(
+            "`{level}`: span and field filters (`[...]`, `{{...}}`) are not supported here; \
+             use levels and targets, e.g. \"info\" or \"arknet=debug,pingora=warn\" \
+             (RUST_LOG takes the full syntax)"
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("`{level}` is not a log filter: {e}"))
+}
+
 pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     path: &Path,
@@ -911,6 +928,29 @@ mod tests {
             invalid("[[backends]]\nname = \"a\"\nkind = \"vllm\"\nurl = \"http://127.0.0.1:1\"\n");
         assert_eq!((line, key.as_str()), (3, "backends.kind"));
         assert!(message.contains("unknown variant"), "{message}");
+    }
+
+    #[test]
+    fn log_levels_take_targets_but_not_span_and_field_filters() {
+        for good in [
+            "info",
+            "warn,arknet=debug",
+            "arknet::mesh=trace,pingora=warn",
+        ] {
+            let config = parse(&format!("log_level = \"{good}\"\n")).expect(good);
+            assert_eq!(config.log_level, good);
+        }
+        // What the fuzzer found: a field filter whose value compiles for minutes. It is refused
+        // before anything compiles it, at its line.
+        let slow = "node_id = \"ark-a\"\nlog_level = \"l WW/[W {WW1.3l WWWWWWWW=hp............................E..5.5WWWWWWW}}}}}}}}}eac}}}}}}}0W=%g\"\n";
+        let (line, key, message) = invalid(slow);
+        assert_eq!((line, key.as_str()), (2, "log_level"));
+        assert!(message.contains("span and field filters"), "{message}");
+        let (_, key, message) = invalid(&format!("log_level = \"{}\"\n", "a,".repeat(600)));
+        assert_eq!(key, "log_level");
+        assert!(message.contains("at most 1024"), "{message}");
+        let (_, _, message) = invalid("log_level = \"arknet=loud\"\n");
+        assert!(message.contains("not a log filter"), "{message}");
     }
 
     #[test]

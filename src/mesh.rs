@@ -40,7 +40,9 @@ use crate::session::{read_model_request, reply_error, reply_json, BodyLimits, Ha
 use authz::Denied;
 use tls::PeerIdentity;
 
-use protocol::{ErrorBody, HelloAnswer, SharedModel, Stranger, WrongVersion, YourGrant};
+use protocol::{
+    ErrorBody, HelloAnswer, SharedModel, Stranger, WrongVersion, YourGrant, MAX_HELLO_MODELS,
+};
 pub use protocol::{
     HELLO_PATH, MESH_PORT_HEADER, NODE_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION,
 };
@@ -316,7 +318,8 @@ impl Mesh {
                 .snapshot()
                 .model_names()
                 .into_iter()
-                .filter(|m| authz::shares(peer, m))
+                .filter(|m| protocol::shareable_name(m) && authz::shares(peer, m))
+                .take(MAX_HELLO_MODELS)
                 .map(|m| SharedModel {
                     free_slots: own_free.min(self.relay.free_slots(&m)),
                     loaded: loaded.iter().any(|l| crate::routing::model_matches(l, &m)),
@@ -343,7 +346,11 @@ impl Mesh {
             pullable: self
                 .models
                 .as_ref()
-                .map_or_else(Vec::new, |m| m.pullable_by(peer)),
+                .map_or_else(Vec::new, |m| m.pullable_by(peer))
+                .into_iter()
+                .filter(|m| protocol::shareable_name(m))
+                .take(MAX_HELLO_MODELS)
+                .collect(),
         }
     }
 }

@@ -80,9 +80,12 @@ fn approved_peer_runs_shared_models_and_nothing_else() {
 #[test]
 fn peer_status_shows_reachability_latency_and_shared_models() {
     let (_ba, a) = node_with_backend(&["llama3.1:8b"]);
-    let (_bb, b) = node_with_backend(&["mistral", "phi"]);
+    // A name no hello may carry (over 256 bytes) on B's backend is left out of B's hello to
+    // A; the rest of the hello still arrives.
+    let long = format!("hf.co/{}:Q4_K_M", "x".repeat(300));
+    let (_bb, b) = node_with_backend(&["mistral", "phi", &long]);
     a.approve(&b, &["llama3.1:8b"], 1);
-    b.approve(&a, &["mistral"], 3);
+    b.approve(&a, &["mistral", &long], 3);
     assert_eventually(
         Duration::from_secs(10),
         "a sees b reachable with mistral",
@@ -100,6 +103,14 @@ fn peer_status_shows_reachability_latency_and_shared_models() {
         "{st}"
     );
     assert_eq!(st["peers"][0]["models_shared_with_us"][0]["free_slots"], 3);
+    assert_eq!(
+        st["peers"][0]["models_shared_with_us"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{st}"
+    );
+    assert!(st["peers"][0]["error"].is_null(), "{st}");
 }
 
 #[test]

@@ -171,6 +171,7 @@ pub fn parse_hello(status: u16, body: &[u8]) -> Result<Hello, ProtocolError> {
                     theirs: answer.protocol,
                 });
             }
+            check_bounds(&answer).map_err(|why| ProtocolError::Malformed { status, why })?;
             Ok(Hello::Approved(answer))
         }
         403 => Ok(Hello::NotApproved(
@@ -184,6 +185,51 @@ pub fn parse_hello(status: u16, body: &[u8]) -> Result<Hello, ProtocolError> {
         },
         s => Err(ProtocolError::Status(s)),
     }
+}
+
+/// Most models (and most pullable models) one hello may list. A household's node serves
+/// dozens; the names go into our clients' model listings, the routing table and the admin page.
+pub const MAX_HELLO_MODELS: usize = 4096;
+/// Longest model name a hello may carry, in bytes.
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// Whether a model name can travel in a hello: not empty, at most [`MAX_MODEL_NAME`] bytes, no
+/// control characters. The answering side leaves other names out, so that one odd name on a
+/// backend does not cost a peer the whole hello.
+pub fn shareable_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_MODEL_NAME && !name.chars().any(char::is_control)
+}
+
+/// Refuses a hello that lists more than a node could share, or names no client could ask for:
+/// an approved peer is trusted with requests, not with the size of our tables.
+fn check_bounds(answer: &HelloAnswer) -> Result<(), String> {
+    for (what, count) in [
+        ("models", answer.models.len()),
+        ("pullable models", answer.pullable.len()),
+    ] {
+        if count > MAX_HELLO_MODELS {
+            return Err(format!("{count} {what}, at most {MAX_HELLO_MODELS}"));
+        }
+    }
+    let names = answer.models.iter().map(|m| m.name.as_str());
+    for name in names.chain(answer.pullable.iter().map(String::as_str)) {
+        if !shareable_name(name) {
+            let shown: String = name.chars().take(64).collect();
+            return Err(format!(
+                "model name {shown:?} ({} bytes): empty, longer than {MAX_MODEL_NAME} bytes, \
+                 or holding a control character",
+                name.len()
+            ));
+        }
+    }
+    if let Some(m) = answer.models.iter().find(|m| m.dialects.len() > 8) {
+        return Err(format!(
+            "model {:?} lists {} dialects",
+            m.name,
+            m.dialects.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Whether this node speaks protocol `version`.
@@ -273,5 +319,45 @@ mod tests {
             Err(ProtocolError::Malformed { .. })
         ));
         assert_eq!(parse_hello(500, b""), Err(ProtocolError::Status(500)));
+    }
+
+    #[test]
+    fn a_hello_beyond_what_a_node_could_share_is_refused() {
+        let refused = |a: &HelloAnswer| {
+            let body = serde_json::to_vec(a).expect("json");
+            match parse_hello(200, &body) {
+                Err(ProtocolError::Malformed { status: 200, why }) => why,
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        let model = |name: String| SharedModel {
+            name,
+            free_slots: 1,
+            loaded: false,
+            dialects: vec!["ollama".into()],
+        };
+        let mut a = answer();
+        a.models = (0..=MAX_HELLO_MODELS)
+            .map(|i| model(format!("m{i}")))
+            .collect();
+        assert!(refused(&a).contains("4097 models"));
+        a.models.truncate(MAX_HELLO_MODELS);
+        assert!(parse_hello(200, &serde_json::to_vec(&a).expect("json")).is_ok());
+
+        for bad in ["", "a\u{0}b", "line\nbreak"] {
+            let mut a = answer();
+            a.models.push(model(bad.into()));
+            assert!(refused(&a).contains("model name"), "{bad:?}");
+        }
+        let mut a = answer();
+        a.pullable.push("x".repeat(MAX_MODEL_NAME + 1));
+        assert!(refused(&a).contains("257 bytes"));
+        let mut a = answer();
+        a.models[0].dialects = vec!["openai".into(); 9];
+        assert!(refused(&a).contains("9 dialects"));
+        // A name at the limit, in any script, is a name.
+        let mut a = answer();
+        a.models.push(model("é".repeat(MAX_MODEL_NAME / 2)));
+        assert!(parse_hello(200, &serde_json::to_vec(&a).expect("json")).is_ok());
     }
 }

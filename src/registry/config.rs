@@ -169,12 +169,12 @@ impl RegistryConfig {
                 message: "must be above 0".into(),
             });
         }
-        if tracing_subscriber::EnvFilter::try_new(&file.log_level).is_err() {
+        if let Err(message) = crate::config::check_log_level(&file.log_level) {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line: line_of(text, text.find("log_level").unwrap_or(0)),
                 key: "log_level".into(),
-                message: format!("`{}` is not a log filter", file.log_level),
+                message,
             });
         }
         Ok(RegistryConfig {
