@@ -34,7 +34,7 @@ use crate::grid::record_peer_request;
 use crate::identity::NodeInfo;
 use crate::metrics::Metrics;
 use crate::peers::store::ApprovedPeer;
-use crate::peers::{PeerTable, Source};
+use crate::peers::PeerTable;
 use crate::relay::{LocalRelay, ModelRequest};
 use crate::session::{read_model_request, reply_error, reply_json, BodyLimits, Handler, Outcome};
 use authz::Denied;
@@ -293,15 +293,16 @@ impl Mesh {
                 .map(str::to_string)
         };
         let node_id = header(NODE_ID_HEADER).filter(|id| crate::config::valid_node_id(id));
-        let client_ip = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let endpoint = match (
-            client_ip,
-            header(MESH_PORT_HEADER).and_then(|p| p.parse::<u16>().ok()),
-        ) {
-            (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port).to_string()),
-            _ => None,
+        let Some(client_ip) = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else {
+            return;
         };
-        self.peers.sighted(key, Source::Connect, node_id, endpoint);
+        let endpoint = header(MESH_PORT_HEADER)
+            .and_then(|p| p.parse::<u16>().ok())
+            .map(|port| SocketAddr::new(client_ip, port).to_string());
+        if !self.peers.stranger(key, client_ip, node_id, endpoint) {
+            self.metrics.mesh_strangers_unlisted.inc();
+            tracing::debug!(public_key = %key, from = %client_ip, "stranger not listed: too many pending from that address or in all");
+        }
     }
 
     /// Hello for one approved peer: only what is shared with it.

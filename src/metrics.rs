@@ -46,6 +46,9 @@ pub struct Metrics {
     pub mesh_refused: IntCounterVec,
     /// Nodes whose TLS identity did not match the key they claimed or we pinned.
     pub mesh_spoofs: prometheus::IntCounter,
+    /// Unapproved keys that connected but were not listed as pending: the bound on such
+    /// sightings, in all or from one address, was reached.
+    pub mesh_strangers_unlisted: prometheus::IntCounter,
     /// 1 while `approved_peers.json` parses, 0 while a corrupt file is being ignored.
     pub approvals_file_valid: IntGauge,
 }
@@ -157,6 +160,11 @@ impl Metrics {
             "Nodes whose TLS identity did not match the key claimed or pinned",
         )
         .expect("static metric definition");
+        let mesh_strangers_unlisted = prometheus::IntCounter::new(
+            "arknet_mesh_strangers_unlisted_total",
+            "Unapproved keys that connected but were not listed as pending (too many at once)",
+        )
+        .expect("static metric definition");
         let approvals_file_valid = IntGauge::new(
             "arknet_approvals_file_valid",
             "1 while approved_peers.json parses; 0 while a corrupt file is ignored",
@@ -178,6 +186,7 @@ impl Metrics {
             Box::new(peer_duration.clone()),
             Box::new(mesh_refused.clone()),
             Box::new(mesh_spoofs.clone()),
+            Box::new(mesh_strangers_unlisted.clone()),
             Box::new(approvals_file_valid.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -198,6 +207,7 @@ impl Metrics {
             peer_duration,
             mesh_refused,
             mesh_spoofs,
+            mesh_strangers_unlisted,
             approvals_file_valid,
         }
     }

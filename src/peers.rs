@@ -375,6 +375,37 @@ impl PeerTable {
         let change = self
             .sightings
             .sighted(key, source, node_id.clone(), endpoint.clone());
+        self.after_sighting(key, source, node_id, endpoint, change);
+    }
+
+    /// The unapproved `key` connected to the mesh listener from `from`: listed as pending
+    /// unless the bounds on such sightings are reached ([`sightings::MAX_STRANGERS`]); returns
+    /// whether it is listed.
+    pub fn stranger(
+        &self,
+        key: PublicKey,
+        from: std::net::IpAddr,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+    ) -> bool {
+        let Some(change) = self
+            .sightings
+            .stranger(key, from, node_id.clone(), endpoint.clone())
+        else {
+            return false;
+        };
+        self.after_sighting(key, Source::Connect, node_id, endpoint, change);
+        true
+    }
+
+    fn after_sighting(
+        &self,
+        key: PublicKey,
+        source: Source,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+        change: sightings::Change,
+    ) {
         if change.new {
             let state = if self.approvals().get(&key).is_some() {
                 "approved"

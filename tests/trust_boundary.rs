@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fake_backend::{FakeConfig, HOSTILE_HEADERS, HOSTILE_TOKENS};
-use support::grid::{assert_eventually, share, Ark, NodeProc, NodeSpec};
+use support::grid::{assert_eventually, share, Ark, BackendSpec, Grid, NodeProc, NodeSpec};
 use support::http;
 use support::mesh::{self, As};
 
@@ -745,4 +745,39 @@ fn a_peer_announcing_another_protocol_version_is_refused_with_the_supported_ones
             assert_eq!(v["supported"], json!([1]), "{v}");
         }
     }
+}
+
+#[test]
+fn fresh_keys_from_one_address_cannot_flood_the_pending_list() {
+    let idle = || NodeSpec::with_backend(BackendSpec::ollama("http://127.0.0.1:9"));
+    let node = NodeProc::start(&idle());
+    // Five strangers, each a real node with its own key and leaf, knock from one address.
+    let strangers = Grid::start(&vec![idle(); 5]);
+    for stranger in &strangers.nodes {
+        let who = As::node(stranger);
+        let (status, body) = mesh::call(node.mesh, who.as_ref(), "GET", "/mesh/v1/hello", None);
+        assert_eq!(status, 403, "{body}");
+    }
+    let pending = node.get("/peers/pending").json();
+    assert_eq!(
+        pending["peers"].as_array().map(Vec::len),
+        Some(4),
+        "{pending}"
+    );
+    let metrics = node.get("/metrics").text();
+    assert!(
+        metrics.contains("arknet_mesh_strangers_unlisted_total 1"),
+        "{metrics}"
+    );
+    // Not listed is not locked out: the owner can still approve the fifth by its key.
+    let fifth = strangers.node(4);
+    assert_eq!(node.approve(fifth, &[], 1).status, 200);
+    let (status, body) = mesh::call(
+        node.mesh,
+        As::node(fifth).as_ref(),
+        "GET",
+        "/mesh/v1/hello",
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
 }

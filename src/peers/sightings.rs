@@ -5,6 +5,7 @@
 //! approvals; this module only lists.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -90,6 +91,17 @@ pub struct Seen {
     /// Wall-clock time of the latest sighting.
     pub last_seen: SystemTime,
     last_seen_at: Instant,
+    /// The address a stranger connected from, for [`MAX_STRANGERS_PER_ADDRESS`].
+    from: Option<IpAddr>,
+}
+
+impl Seen {
+    /// Listed only because it connected (no discovery source vouches for it), and seen within
+    /// [`SIGHTING_TTL`] of `now`.
+    fn is_recent_stranger(&self, now: Instant) -> bool {
+        self.sources == [Source::Connect]
+            && now.saturating_duration_since(self.last_seen_at) < SIGHTING_TTL
+    }
 }
 
 impl Seen {
@@ -110,6 +122,14 @@ impl Seen {
 
 /// Sightings not refreshed for this long are dropped (approved peers stay, as approvals).
 pub const SIGHTING_TTL: Duration = Duration::from_secs(600);
+
+/// Most nodes listed at once only because they connected to the mesh listener. Anyone can make
+/// a key and connect with it; without a bound, a loop of fresh keys would grow this table and
+/// bury the owner's pending list. Discovery sources are not bounded here: each of their
+/// sightings is a node that proved its key in a hello we made.
+pub const MAX_STRANGERS: usize = 256;
+/// Of those, most from one address (a household behind one public address has a few nodes).
+pub const MAX_STRANGERS_PER_ADDRESS: usize = 4;
 
 /// The sightings of every node some source reported.
 #[derive(Default)]
@@ -139,8 +159,56 @@ impl Sightings {
         node_id: Option<String>,
         endpoint: Option<String>,
     ) -> Change {
-        let now = SystemTime::now();
+        Self::record(&mut self.lock(), key, source, node_id, endpoint)
+    }
+
+    /// Records that the unapproved `key` connected from `from`, unless that would list more
+    /// than [`MAX_STRANGERS`] such nodes, or [`MAX_STRANGERS_PER_ADDRESS`] from one address
+    /// (`None`: not listed). A node already listed is always updated.
+    pub fn stranger(
+        &self,
+        key: PublicKey,
+        from: IpAddr,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+    ) -> Option<Change> {
+        self.stranger_at(key, from, node_id, endpoint, Instant::now())
+    }
+
+    fn stranger_at(
+        &self,
+        key: PublicKey,
+        from: IpAddr,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+        now: Instant,
+    ) -> Option<Change> {
         let mut seen = self.lock();
+        if !seen.contains_key(&key) {
+            let (mut all, mut same) = (0, 0);
+            for e in seen.values().filter(|e| e.is_recent_stranger(now)) {
+                all += 1;
+                same += usize::from(e.from == Some(from));
+            }
+            if all >= MAX_STRANGERS || same >= MAX_STRANGERS_PER_ADDRESS {
+                return None;
+            }
+        }
+        let change = Self::record(&mut seen, key, Source::Connect, node_id, endpoint);
+        if let Some(e) = seen.get_mut(&key) {
+            e.from = Some(from);
+        }
+        Some(change)
+    }
+
+    fn record(
+        seen: &mut HashMap<PublicKey, Seen>,
+        key: PublicKey,
+        source: Source,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+    ) -> Change {
+        let now = SystemTime::now();
         let new = !seen.contains_key(&key);
         let e = seen.entry(key).or_insert_with(|| Seen {
             node_id: None,
@@ -150,6 +218,7 @@ impl Sightings {
             first_seen: now,
             last_seen: now,
             last_seen_at: Instant::now(),
+            from: None,
         });
         if node_id.is_some() {
             e.node_id = node_id;
@@ -204,6 +273,64 @@ impl Sightings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(n: usize) -> PublicKey {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        PublicKey::from_bytes(b)
+    }
+
+    #[test]
+    fn strangers_are_listed_within_bounds_per_address_and_in_all() {
+        let s = Sightings::default();
+        let here: IpAddr = "10.0.0.5".parse().expect("ip");
+        for n in 0..MAX_STRANGERS_PER_ADDRESS {
+            assert!(s.stranger(key(n), here, None, None).is_some(), "{n}");
+        }
+        assert_eq!(s.stranger(key(99), here, None, None), None);
+        // One already listed is still updated; another address has its own share.
+        let again = s.stranger(key(0), here, Some("n0".into()), Some("10.0.0.5:7".into()));
+        assert_eq!(
+            again,
+            Some(Change {
+                new: false,
+                moved: true
+            })
+        );
+        let there: IpAddr = "10.0.0.6".parse().expect("ip");
+        assert!(s.stranger(key(100), there, None, None).is_some());
+        // Discovery sources are not bounded, and a node a discovery source vouches for no
+        // longer counts as a stranger.
+        assert!(s.sighted(key(101), Source::Mdns, None, None).new);
+        s.sighted(key(1), Source::Mdns, None, None);
+        assert!(s.stranger(key(102), here, None, None).is_some());
+
+        // In all: fill up from many addresses, then nobody new gets in.
+        let mut n = 1000;
+        let strangers = || {
+            let now = Instant::now();
+            s.lock()
+                .values()
+                .filter(|e| e.is_recent_stranger(now))
+                .count()
+        };
+        while strangers() < MAX_STRANGERS {
+            let ip = IpAddr::from([10, 1, (n / 250) as u8, (n % 250) as u8]);
+            assert!(s.stranger(key(n), ip, None, None).is_some());
+            n += 1;
+        }
+        assert_eq!(
+            s.stranger(key(n), "10.9.9.9".parse().expect("ip"), None, None),
+            None
+        );
+        assert!(s.sighted(key(n + 1), Source::Registry, None, None).new);
+
+        // Strangers not seen for the sighting TTL free their places.
+        let later = Instant::now() + SIGHTING_TTL;
+        assert!(s
+            .stranger_at(key(n), "10.9.9.9".parse().expect("ip"), None, None, later)
+            .is_some());
+    }
 
     #[test]
     fn a_node_stays_listed_while_a_discovery_source_sees_it() {
