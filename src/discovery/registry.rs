@@ -251,6 +251,33 @@ pub struct RegistryDiscovery {
 const MAX_PAGES: usize = 20;
 /// Pinned hellos to registry-listed nodes in flight at once.
 const PROVING_AT_ONCE: usize = 16;
+/// Registry-listed nodes proved (and so listed as pending) per IP address and fetch. Anyone can
+/// register many keys behind one machine's ports; a household behind one public address has a
+/// few nodes.
+pub const MAX_LISTED_PER_ADDRESS: usize = 4;
+
+/// The registry-listed nodes worth a hello, in the registry's order: not ourselves, key and
+/// endpoint well-formed, at most [`MAX_LISTED_PER_ADDRESS`] per IP address.
+pub fn to_prove(
+    listed: Vec<Listed>,
+    own: &crate::identity::PublicKey,
+) -> Vec<(crate::identity::PublicKey, std::net::SocketAddr)> {
+    let mut per_address = std::collections::HashMap::new();
+    listed
+        .into_iter()
+        .filter_map(|l| {
+            let r = l.signed.record;
+            let key = r.public_key.parse::<crate::identity::PublicKey>().ok()?;
+            let addr = r.endpoint.parse::<std::net::SocketAddr>().ok()?;
+            (key != *own).then_some((key, addr))
+        })
+        .filter(|(_, addr)| {
+            let n = per_address.entry(addr.ip()).or_insert(0usize);
+            *n += 1;
+            *n <= MAX_LISTED_PER_ADDRESS
+        })
+        .collect()
+}
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for RegistryDiscovery {
@@ -341,17 +368,7 @@ impl RegistryDiscovery {
         // the node proves them a few at a time, never dialling them all at once.
         let dials = std::sync::Arc::new(tokio::sync::Semaphore::new(PROVING_AT_ONCE));
         let mut proving = tokio::task::JoinSet::new();
-        for l in listed {
-            let r = l.signed.record;
-            let (Ok(key), Ok(addr)) = (
-                r.public_key.parse::<crate::identity::PublicKey>(),
-                r.endpoint.parse::<std::net::SocketAddr>(),
-            ) else {
-                continue;
-            };
-            if key == own {
-                continue;
-            }
+        for (key, addr) in to_prove(listed, &own) {
             let client = self.client.clone();
             let dials = dials.clone();
             proving.spawn(async move {
@@ -383,6 +400,51 @@ impl RegistryDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::record::SignedRecord;
+
+    #[test]
+    fn at_most_a_few_listed_nodes_per_address_are_proved_and_never_ourselves() {
+        let signer = |n: u8| Signer::from_seed(&[n; 32]).expect("seed");
+        let listed = |n: u8, endpoint: &str| Listed {
+            signed: SignedRecord {
+                record: Record {
+                    node_id: format!("ark-{n}"),
+                    public_key: signer(n).public_key().to_string(),
+                    endpoint: endpoint.into(),
+                    models: vec![],
+                    seq: 1,
+                    issued_at: 1,
+                    expires: 2,
+                },
+                signature: String::new(),
+            },
+            reachable: true,
+        };
+        let mut all: Vec<Listed> = (1..=7)
+            .map(|n| listed(n, &format!("203.0.113.9:{}", 9000 + u16::from(n))))
+            .collect();
+        all.push(listed(8, "198.51.100.2:8911"));
+        all.push(listed(9, "not an endpoint"));
+        all.push(listed(10, "[2001:db8::1]:8911"));
+        all.push(listed(11, "203.0.113.10:8911"));
+        let own = signer(2).public_key();
+        let proved = to_prove(all, &own);
+        let shown: Vec<String> = proved.iter().map(|(_, a)| a.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "203.0.113.9:9001",
+                "203.0.113.9:9003",
+                "203.0.113.9:9004",
+                "203.0.113.9:9005",
+                "198.51.100.2:8911",
+                "[2001:db8::1]:8911",
+                "203.0.113.10:8911"
+            ]
+        );
+        assert!(proved.iter().all(|(k, _)| *k != own));
+        assert_eq!(proved[0].0, signer(1).public_key());
+    }
 
     #[test]
     fn seq_is_strictly_increasing_even_within_a_millisecond() {
