@@ -6,6 +6,7 @@
 //! The lowest floor of the request path: nothing here opens a socket or imports the gateway,
 //! the grid, the mesh or the relay.
 
+pub mod lines;
 pub mod meter;
 pub mod request;
 pub mod sanitize;

@@ -10,6 +10,7 @@
 //! actually relayed (content events and body bytes) and by the size of the request we sent,
 //! and falls back to our own count when a claim cannot be true.
 
+use super::lines::Lines;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -74,7 +75,7 @@ const MAX_PENDING: usize = 256 * 1024;
 /// Running token counts of one response.
 #[derive(Debug, Default)]
 pub struct TokenMeter {
-    pending: Vec<u8>,
+    lines: Lines<MAX_PENDING>,
     prompt: Option<u64>,
     generated: Option<u64>,
     content_events: u64,
@@ -105,27 +106,9 @@ impl TokenMeter {
     /// Inspects the next piece of the response body.
     pub fn observe(&mut self, chunk: &[u8]) {
         self.relayed_bytes += chunk.len() as u64;
-        // Whole lines are read where they lie in the chunk; only a line split across chunks is
-        // put together in `pending`.
-        let mut rest = chunk;
-        if !self.pending.is_empty() {
-            if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                let mut line = std::mem::take(&mut self.pending);
-                line.extend_from_slice(&rest[..=nl]);
-                self.line(&line);
-                line.clear();
-                self.pending = line;
-                rest = &rest[nl + 1..];
-            }
-        }
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            self.line(&rest[..=nl]);
-            rest = &rest[nl + 1..];
-        }
-        self.pending.extend_from_slice(rest);
-        if self.pending.len() > MAX_PENDING {
-            self.pending.clear();
-        }
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(chunk, |l| self.line(l));
+        self.lines = lines;
     }
 
     /// Our own backend's counts, once the body has ended; a missing prompt count is estimated
@@ -201,7 +184,7 @@ impl TokenMeter {
 
     /// Prompt and generated counts, and whether they are the backend's own figures.
     fn counts(mut self) -> (Option<u64>, Option<u64>, bool) {
-        let rest = std::mem::take(&mut self.pending);
+        let rest = self.lines.rest();
         self.line(&rest);
         let reported = self.generated.is_some() || self.prompt.is_some();
         let generated = self

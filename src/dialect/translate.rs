@@ -11,6 +11,7 @@
 //! | `/api/embed` | `/v1/embeddings` | `{"embeddings": [...]}` |
 //! | `/api/embeddings` | `/v1/embeddings` | `{"embedding": [...]}` |
 
+use super::lines::Lines;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
@@ -176,7 +177,7 @@ fn generation_options(req: &Map<String, Value>, out: &mut Map<String, Value>) {
 /// MiB; a chat answer is kilobytes). A larger one is answered with an error.
 const MAX_WHOLE: usize = 64 * 1024 * 1024;
 
-/// Longest event line kept while its end has not arrived.
+/// Longest event line kept while its end has not arrived: no OpenAI event is this long.
 const MAX_LINE: usize = 1024 * 1024;
 
 /// Turns an OpenAI answer (SSE or JSON) into Ollama's (NDJSON or JSON) as it streams.
@@ -185,8 +186,8 @@ pub struct ResponseTranslator {
     kind: Kind,
     model: String,
     stream: bool,
-    /// The start of an event line whose end has not arrived yet.
-    pending: Vec<u8>,
+    /// The event lines of a streamed answer.
+    lines: Lines<MAX_LINE>,
     /// A non-streamed answer, gathered to be reshaped at the end.
     whole: Vec<u8>,
     /// The non-streamed answer outgrew [`MAX_WHOLE`] and was dropped.
@@ -203,7 +204,7 @@ impl ResponseTranslator {
             kind,
             model,
             stream,
-            pending: Vec::new(),
+            lines: Lines::default(),
             whole: Vec::new(),
             oversized: false,
             prompt_tokens: None,
@@ -248,29 +249,9 @@ impl ResponseTranslator {
             return Bytes::new();
         }
         let mut out = Vec::new();
-        // Lines are read where they lie in the chunk (a chunk of many short lines costs one
-        // pass, not a shift of the rest per line); only a line split across chunks is put
-        // together in `pending`.
-        let mut rest = data;
-        if !self.pending.is_empty() {
-            if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                let mut line = std::mem::take(&mut self.pending);
-                line.extend_from_slice(&rest[..=nl]);
-                self.sse_line(&line, &mut out);
-                line.clear();
-                self.pending = line;
-                rest = &rest[nl + 1..];
-            }
-        }
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            self.sse_line(&rest[..=nl], &mut out);
-            rest = &rest[nl + 1..];
-        }
-        self.pending.extend_from_slice(rest);
-        if self.pending.len() > MAX_LINE {
-            // No OpenAI event is this long; whatever it is, it is not kept.
-            self.pending = Vec::new();
-        }
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(data, |l| self.sse_line(l, &mut out));
+        self.lines = lines;
         Bytes::from(out)
     }
 
@@ -288,7 +269,7 @@ impl ResponseTranslator {
             return Bytes::from(self.whole_answer(&body).to_string());
         }
         let mut out = Vec::new();
-        let rest = std::mem::take(&mut self.pending);
+        let rest = self.lines.rest();
         self.sse_line(&rest, &mut out);
         if !self.done_sent {
             self.done_line(&mut out);
@@ -544,7 +525,7 @@ mod tests {
         let junk = vec![b'x'; 64 * 1024];
         for _ in 0..(2 * MAX_LINE / junk.len() + 1) {
             assert!(t.chunk(&junk).is_empty());
-            assert!(t.pending.len() <= MAX_LINE, "{}", t.pending.len());
+            assert!(t.lines.held() <= MAX_LINE, "{}", t.lines.held());
         }
         let out = t.chunk(b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n");
         assert_eq!(contents(&out), vec![("ok".to_string(), false)]);
