@@ -174,9 +174,17 @@ pub fn parse_hello(status: u16, body: &[u8]) -> Result<Hello, ProtocolError> {
             check_bounds(&answer).map_err(|why| ProtocolError::Malformed { status, why })?;
             Ok(Hello::Approved(answer))
         }
-        403 => Ok(Hello::NotApproved(
-            serde_json::from_slice(body).map_err(malformed)?,
-        )),
+        403 => {
+            let stranger: Stranger = serde_json::from_slice(body).map_err(malformed)?;
+            // A node that does not know us may leave its id out, but not send any string.
+            if !stranger.node_id.is_empty() && !crate::config::valid_node_id(&stranger.node_id) {
+                return Err(ProtocolError::Malformed {
+                    status,
+                    why: node_id_refused(&stranger.node_id),
+                });
+            }
+            Ok(Hello::NotApproved(stranger))
+        }
         400 => match serde_json::from_slice::<WrongVersion>(body) {
             Ok(w) => Err(ProtocolError::Version {
                 theirs: w.supported.iter().copied().max().unwrap_or(0),
@@ -203,6 +211,9 @@ pub fn shareable_name(name: &str) -> bool {
 /// Refuses a hello that lists more than a node could share, or names no client could ask for:
 /// an approved peer is trusted with requests, not with the size of our tables.
 fn check_bounds(answer: &HelloAnswer) -> Result<(), String> {
+    if !crate::config::valid_node_id(&answer.node_id) {
+        return Err(node_id_refused(&answer.node_id));
+    }
     for (what, count) in [
         ("models", answer.models.len()),
         ("pullable models", answer.pullable.len()),
@@ -230,6 +241,16 @@ fn check_bounds(answer: &HelloAnswer) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Why a hello's node id is refused: node ids go into listings, logs and mDNS names, and every
+/// node's own passed [`crate::config::valid_node_id`].
+fn node_id_refused(id: &str) -> String {
+    let shown: String = id.chars().take(64).collect();
+    format!(
+        "node id {shown:?} ({} bytes): not 1-64 letters, digits, '-', '_' or '.'",
+        id.len()
+    )
 }
 
 /// Whether this node speaks protocol `version`.
@@ -352,6 +373,20 @@ mod tests {
         let mut a = answer();
         a.pullable.push("x".repeat(MAX_MODEL_NAME + 1));
         assert!(refused(&a).contains("257 bytes"));
+        let mut a = answer();
+        a.node_id = "x".repeat(100_000);
+        assert!(refused(&a).contains("100000 bytes"));
+        let stranger = |id: &str| {
+            let body = serde_json::json!({"error": {"message": "m", "type": "t", "code": "c"},
+                "node_id": id, "public_key": "k", "identity_cert": "p"});
+            parse_hello(403, body.to_string().as_bytes())
+        };
+        assert!(matches!(stranger(""), Ok(Hello::NotApproved(_))));
+        assert!(matches!(stranger("ark-b"), Ok(Hello::NotApproved(_))));
+        assert!(matches!(
+            stranger("<script>"),
+            Err(ProtocolError::Malformed { status: 403, .. })
+        ));
         let mut a = answer();
         a.models[0].dialects = vec!["openai".into(); 9];
         assert!(refused(&a).contains("9 dialects"));
